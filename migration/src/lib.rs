@@ -1,1 +1,21 @@
+//! Schema migrations. Each migration describes the schema as it was on its day with its own
+//! identifiers; none imports `entity`.
+pub use sea_orm_migration::prelude::*;
 
+mod m20261129_000001_create_webhook_events;
+mod m20261129_000002_create_outbox;
+mod m20261129_000003_create_contacts;
+
+/// Every migration of the service, in order.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![
+            Box::new(m20261129_000001_create_webhook_events::Migration),
+            Box::new(m20261129_000002_create_outbox::Migration),
+            Box::new(m20261129_000003_create_contacts::Migration),
+        ]
+    }
+}

@@ -1,0 +1,233 @@
+//! Wiring: the OpenAPI service, the HTTP app, and `Service::start`, which runs the chosen roles
+//! (HTTP ingest, outbox relay, consumer) under one shutdown token.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use poem::listener::{Acceptor, TcpAcceptor};
+use poem::{Endpoint, EndpointExt, Route};
+use poem_openapi::OpenApiService;
+use relay::bus::Publisher;
+use relay::consumer::{KafkaEventConsumer, run_in_process};
+use relay::kafka::KafkaPublisher;
+use relay::outbox_relay::{OutboxRelay, requeue_pending_in_process};
+use relay::processor::EventProcessor;
+use relay::wakeup::OutboxWakeup;
+use sea_orm::DatabaseConnection;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::client_ip::IpPolicy;
+use crate::config::{Config, Secret};
+use crate::ingest::{GroupCommit, IngestWriter};
+use crate::raw_body::BodyLimit;
+use crate::routes::admin::AdminApi;
+use crate::routes::contacts::ContactsApi;
+use crate::routes::health::HealthApi;
+use crate::routes::webhooks::WebhookApi;
+use crate::signature::SignatureVerifier;
+use crate::{db, dev, telemetry};
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub db: DatabaseConnection,
+    pub verifier: SignatureVerifier,
+    pub ip_policy: IpPolicy,
+    pub writer: IngestWriter,
+}
+
+type Apis = (WebhookApi, ContactsApi, AdminApi, HealthApi);
+
+/// The OpenAPI service: used by the server, `acme-webhooks openapi` and the spec drift test.
+/// Needs no database.
+pub fn make_api_service() -> OpenApiService<Apis, ()> {
+    OpenApiService::new(
+        (WebhookApi, ContactsApi, AdminApi, HealthApi),
+        "AcmeCRM webhook receiver",
+        env!("CARGO_PKG_VERSION"),
+    )
+    .description(
+        "Receives AcmeCRM's signed contact events. Each accepted event is stored with an outbox \
+         row in one transaction before the 200; a relay publishes the outbox to Kafka \
+         (`<prefix>.contact.created|updated|deleted`, keyed by contact id) and a consumer applies \
+         every event exactly once to the contacts mirror.\n\n\
+         Every error answer has the shape `{\"code\", \"message\", \"details\"?}`.",
+    )
+}
+
+/// The spec as YAML, as checked in at `openapi.yaml`.
+pub fn openapi_yaml() -> String {
+    make_api_service().spec_yaml()
+}
+
+/// The HTTP application around `state`.
+pub fn http_app(state: Arc<AppState>) -> impl Endpoint {
+    let api = make_api_service();
+    let docs = api.swagger_ui();
+    let spec_json = api.spec_endpoint();
+    let spec_yaml = api.spec_endpoint_yaml();
+    let limit = BodyLimit(state.config.http.max_body_bytes);
+    Route::new()
+        .nest("/", api)
+        .nest("/docs", docs)
+        .at("/openapi.json", spec_json)
+        .at("/openapi.yaml", spec_yaml)
+        .data(state)
+        .data(limit)
+        .around(crate::middleware::observe)
+}
+
+/// Which roles this process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    pub http: bool,
+    pub relay: bool,
+    pub consumer: bool,
+}
+
+impl Roles {
+    pub const ALL: Self = Self { http: true, relay: true, consumer: true };
+    pub const HTTP: Self = Self { http: true, relay: false, consumer: false };
+    pub const RELAY: Self = Self { http: false, relay: true, consumer: false };
+    pub const CONSUMER: Self = Self { http: false, relay: false, consumer: true };
+}
+
+/// A running service.
+pub struct Service {
+    /// Where the HTTP server listens (when the HTTP role runs).
+    pub http_addr: Option<SocketAddr>,
+    /// The webhook secrets in force (generated ones included), for the startup banner.
+    pub secrets: Vec<Secret>,
+    pub db: DatabaseConnection,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Service {
+    /// Connects, migrates (if configured), and starts `roles`. `listener` overrides `http.bind`
+    /// (tests pass a port-0 listener).
+    pub async fn start(config: Config, roles: Roles, listener: Option<std::net::TcpListener>) -> anyhow::Result<Self> {
+        let config = Arc::new(config);
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        telemetry::metrics_handle();
+
+        let db = db::connect(&config).await.context("connecting to the database")?;
+        if config.database.auto_migrate {
+            db::migrate(&db).await.context("migrating the database")?;
+        }
+        let embedded_bus = config.kafka.brokers.is_none();
+        if embedded_bus && roles != Roles::ALL {
+            anyhow::bail!(
+                "the in-process bus only works with every role in one process; \
+                 set kafka.brokers to run `serve`, `relay` or `consume` apart"
+            );
+        }
+        if !embedded_bus && config.kafka.create_topics && (roles.relay || roles.consumer) {
+            relay::kafka::ensure_topics(&config.kafka).await.context("creating Kafka topics")?;
+        }
+
+        let wakeup = OutboxWakeup::default();
+        let (in_process_tx, in_process_rx) = mpsc::channel(10_000);
+        if roles.relay {
+            let publisher = if embedded_bus {
+                let requeued = requeue_pending_in_process(&db).await?;
+                if requeued > 0 {
+                    tracing::info!(requeued, "re-queued pending events for the in-process bus");
+                }
+                Publisher::InProcess(in_process_tx)
+            } else {
+                Publisher::Kafka(KafkaPublisher::connect(&config.kafka).await.context("creating the Kafka producer")?)
+            };
+            let relay = OutboxRelay::new(db.clone(), publisher, config.relay.clone());
+            tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
+        }
+        if roles.consumer {
+            let processor = EventProcessor::new(db.clone());
+            if embedded_bus {
+                tasks.spawn(run_in_process(processor, in_process_rx, config.consumer.clone(), shutdown.clone()));
+            } else {
+                let consumer = KafkaEventConsumer::connect(processor, config.kafka.clone(), config.consumer.clone())
+                    .await
+                    .context("creating the Kafka consumer")?;
+                let lag = consumer.lag_reporter();
+                let interval = Duration::from_secs(config.metrics.backlog_refresh_secs);
+                let stop = shutdown.clone();
+                tasks.spawn(async move {
+                    while !stop.is_cancelled() {
+                        lag.report().await;
+                        tokio::select! { () = stop.cancelled() => {}, () = tokio::time::sleep(interval) => {} }
+                    }
+                });
+                tasks.spawn(consumer.run(shutdown.clone()));
+            }
+        }
+
+        let mut http_addr = None;
+        let mut secrets = Vec::new();
+        if roles.http {
+            secrets = dev::resolve_secrets(&config)?;
+            let state = Arc::new(AppState {
+                config: config.clone(),
+                db: db.clone(),
+                verifier: SignatureVerifier::new(secrets.iter().map(Secret::expose)),
+                ip_policy: IpPolicy::new(config.webhook.allowed_ips.clone(), config.webhook.trusted_proxies.clone()),
+                writer: IngestWriter::spawn(db.clone(), config.kafka.clone(), wakeup.clone(), GroupCommit {
+                    batch_max: config.ingest.batch_max,
+                    writers: config.ingest.writers,
+                }),
+            });
+            let listener = match listener {
+                Some(listener) => listener,
+                None => std::net::TcpListener::bind(config.http.bind)
+                    .with_context(|| format!("binding http.bind = {}", config.http.bind))?,
+            };
+            listener.set_nonblocking(true)?;
+            let acceptor = TcpAcceptor::from_std(listener)?;
+            http_addr = acceptor.local_addr().first().and_then(|a| a.as_socket_addr().copied());
+            let server = poem::Server::new_with_acceptor(acceptor);
+            let app = http_app(state);
+            let stop = shutdown.clone();
+            tasks.spawn(async move {
+                let result = server
+                    .run_with_graceful_shutdown(app, stop.cancelled_owned(), Some(Duration::from_secs(10)))
+                    .await;
+                if let Err(error) = result {
+                    tracing::error!(%error, "HTTP server failed");
+                }
+            });
+        }
+        if roles.relay || roles.http {
+            tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
+                db.clone(),
+                Duration::from_secs(config.metrics.backlog_refresh_secs),
+                shutdown.clone(),
+            ));
+        }
+        Ok(Self { http_addr, secrets, db, shutdown, tasks })
+    }
+
+    /// A token that stops the service when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops every role gracefully: no new requests, in-flight ones answered, the relay's batch
+    /// finished, consumer offsets committed.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs until `shutdown` is cancelled (or a role ends), then stops.
+    pub async fn wait(mut self) {
+        tokio::select! {
+            () = self.shutdown.cancelled() => {}
+            _ = self.tasks.join_next() => tracing::error!("a role stopped unexpectedly; shutting down"),
+        }
+        self.stop().await;
+    }
+}

@@ -1,0 +1,102 @@
+//! The webhook body as raw bytes: the signature is computed over exactly what was sent, so serde
+//! must not see it first. Documented in the spec as the contact event schema.
+use futures::TryStreamExt;
+use poem::{Request, RequestBody};
+use poem_openapi::payload::{ParsePayload, Payload};
+use poem_openapi::error::ContentTypeError;
+use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
+use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
+use poem_openapi::types::Type;
+
+use crate::error::BodyTooLarge;
+use crate::schema::ContactEventSchema;
+
+/// Body size limit, attached to the route as request data.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimit(pub usize);
+
+/// The unparsed `application/json` body of a webhook.
+pub struct RawJsonBody(pub Vec<u8>);
+
+impl Payload for RawJsonBody {
+    const CONTENT_TYPE: &'static str = "application/json";
+
+    fn check_content_type(content_type: &str) -> bool {
+        matches!(content_type.parse::<mime::Mime>(), Ok(mime)
+            if mime.type_() == "application"
+                && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json")))
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        ContactEventSchema::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        ContactEventSchema::register(registry);
+    }
+}
+
+impl ParsePayload for RawJsonBody {
+    const IS_REQUIRED: bool = true;
+
+    async fn from_request(request: &Request, body: &mut RequestBody) -> poem::Result<Self> {
+        let limit = request.data::<BodyLimit>().map_or(usize::MAX, |l| l.0);
+        read_limited(request, body, limit).await.map(Self)
+    }
+}
+
+impl<'a> ApiExtractor<'a> for RawJsonBody {
+    const TYPES: &'static [ApiExtractorType] = &[ApiExtractorType::RequestObject];
+    type ParamType = ();
+    type ParamRawType = ();
+
+    fn register(registry: &mut Registry) {
+        <Self as Payload>::register(registry);
+    }
+
+    fn request_meta() -> Option<MetaRequest> {
+        Some(MetaRequest {
+            description: None,
+            content: vec![MetaMediaType { content_type: Self::CONTENT_TYPE, schema: Self::schema_ref() }],
+            required: true,
+        })
+    }
+
+    async fn from_request(
+        request: &'a Request,
+        body: &mut RequestBody,
+        _param_opts: ExtractParamOptions<Self::ParamType>,
+    ) -> poem::Result<Self> {
+        match request.content_type() {
+            Some(content_type) if Self::check_content_type(content_type) => {
+                <Self as ParsePayload>::from_request(request, body).await
+            }
+            Some(content_type) => {
+                Err(ContentTypeError::NotSupported { content_type: content_type.to_owned() }.into())
+            }
+            None => Err(ContentTypeError::ExpectContentType.into()),
+        }
+    }
+}
+
+/// Reads at most `limit` bytes: a declared length over the limit is refused before reading,
+/// and a chunked body is cut off as soon as it passes the limit.
+async fn read_limited(request: &Request, body: &mut RequestBody, limit: usize) -> poem::Result<Vec<u8>> {
+    let declared = request
+        .headers()
+        .get(poem::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(BodyTooLarge { limit }.into());
+    }
+    let mut stream = body.take()?.into_bytes_stream();
+    let mut buffer = Vec::with_capacity(declared.map_or(8 * 1024, |len| len as usize));
+    while let Some(chunk) = stream.try_next().await.map_err(poem::error::BadRequest)? {
+        if buffer.len() + chunk.len() > limit {
+            return Err(BodyTooLarge { limit }.into());
+        }
+        buffer.extend_from_slice(&chunk);
+    }
+    Ok(buffer)
+}

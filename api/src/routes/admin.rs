@@ -1,0 +1,435 @@
+//! Admin API (`/api/admin/...`): find events, re-run failed ones, watch the outbox backlog.
+//! Exists only when `admin.token` is configured; otherwise every admin route answers 404.
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use entity::{outbox, webhook_event};
+use poem::Request;
+use poem::web::Data;
+use poem_openapi::auth::Bearer;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::{Enum, Object, OpenApi, SecurityScheme};
+use relay::config::KafkaConfig;
+use sea_orm::sea_query::{Expr, LockBehavior, LockType};
+use sea_orm::{
+    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait,
+    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::ingest::insert_outbox_rows;
+use crate::routes::ApiTags;
+
+pub struct AdminApi;
+
+/// `Authorization: Bearer <admin.token>`.
+#[derive(SecurityScheme)]
+#[oai(ty = "bearer", checker = "check_admin_token")]
+pub struct AdminToken(());
+
+async fn check_admin_token(request: &Request, bearer: Bearer) -> poem::Result<()> {
+    let state = request.data::<Arc<AppState>>().ok_or_else(|| poem::Error::from_status(poem::http::StatusCode::NOT_FOUND))?;
+    let Some(expected) = &state.config.admin.token else {
+        return Err(poem::Error::from_status(poem::http::StatusCode::NOT_FOUND));
+    };
+    if bool::from(bearer.token.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        Ok(())
+    } else {
+        Err(poem::Error::from_status(poem::http::StatusCode::UNAUTHORIZED))
+    }
+}
+
+/// Lifecycle state of an event.
+#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
+#[oai(rename_all = "lowercase")]
+pub enum EventStatus {
+    Pending,
+    Processed,
+    Failed,
+}
+
+impl EventStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => webhook_event::STATUS_PENDING,
+            Self::Processed => webhook_event::STATUS_PROCESSED,
+            Self::Failed => webhook_event::STATUS_FAILED,
+        }
+    }
+}
+
+/// A stored event.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct EventView {
+    pub event_id: String,
+    pub event_type: String,
+    pub contact_id: String,
+    pub status: String,
+    pub attempts: i32,
+    pub error: Option<String>,
+    pub received_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub processed_at: Option<DateTime<Utc>>,
+}
+
+impl From<webhook_event::Model> for EventView {
+    fn from(e: webhook_event::Model) -> Self {
+        Self {
+            event_id: e.event_id,
+            event_type: e.event_type,
+            contact_id: e.contact_id,
+            status: e.status,
+            attempts: e.attempts,
+            error: e.error,
+            received_at: e.created_at,
+            updated_at: e.updated_at,
+            processed_at: e.processed_at,
+        }
+    }
+}
+
+/// One page of events, newest first.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct EventPage {
+    pub events: Vec<EventView>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// One outbox row of an event.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxView {
+    pub topic: String,
+    pub message_key: String,
+    pub created_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// An event with its stored payload and outbox state.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct EventDetail {
+    #[oai(flatten)]
+    #[serde(flatten)]
+    pub event: EventView,
+    pub payload: serde_json::Value,
+    pub outbox: Vec<OutboxView>,
+}
+
+/// How many failed events went back to `pending`.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+pub struct RetryResult {
+    pub requeued: u64,
+}
+
+/// Filter of a bulk retry.
+#[derive(Object, Debug, Clone, Default)]
+#[oai(rename_all = "camelCase")]
+pub struct RetryFilter {
+    /// Only events of this type.
+    pub event_type: Option<String>,
+    /// Only events received at or after this time.
+    pub since: Option<DateTime<Utc>>,
+    /// Only events received before this time.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// Unpublished outbox rows of one topic.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct TopicBacklog {
+    pub topic: String,
+    /// Unpublished rows.
+    pub pending: i64,
+    /// Of those, rows waiting out a retry backoff.
+    pub parked: i64,
+    /// Age in seconds of the oldest row that could be published now (0 if none).
+    pub oldest_claimable_age_secs: f64,
+}
+
+/// The outbox backlog.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxSummary {
+    pub pending: i64,
+    pub parked: i64,
+    pub oldest_claimable_age_secs: f64,
+    pub topics: Vec<TopicBacklog>,
+}
+
+const MAX_PAGE: u64 = 500;
+
+fn db_error(e: DbErr) -> ApiError {
+    ApiError::internal("admin query failed", &e)
+}
+
+#[OpenApi(tag = "ApiTags::Admin")]
+impl AdminApi {
+    /// List events
+    ///
+    /// Newest first, with keyset pagination: pass `nextCursor` back as `cursor`. Pages stay
+    /// consistent while new events arrive.
+    #[oai(path = "/api/admin/events", method = "get", operation_id = "adminListEvents")]
+    #[allow(clippy::too_many_arguments)]
+    async fn list_events(
+        &self,
+        _auth: AdminToken,
+        state: Data<&Arc<AppState>>,
+        /// Only events in this state.
+        status: Query<Option<EventStatus>>,
+        /// Only events of this type, e.g. `contact.updated`.
+        #[oai(name = "type")]
+        event_type: Query<Option<String>>,
+        /// Only events received at or after this time.
+        since: Query<Option<DateTime<Utc>>>,
+        /// Only events received before this time.
+        until: Query<Option<DateTime<Utc>>>,
+        /// Page size, 1 to 500 (default 50).
+        limit: Query<Option<u64>>,
+        /// `nextCursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> ApiResult<Json<EventPage>> {
+        let limit = limit.0.unwrap_or(50).clamp(1, MAX_PAGE);
+        let mut query = webhook_event::Entity::find().order_by_desc(webhook_event::Column::Id).limit(limit + 1);
+        if let Some(status) = status.0 {
+            query = query.filter(webhook_event::Column::Status.eq(status.as_str()));
+        }
+        if let Some(event_type) = event_type.0 {
+            query = query.filter(webhook_event::Column::EventType.eq(event_type));
+        }
+        if let Some(since) = since.0 {
+            query = query.filter(webhook_event::Column::CreatedAt.gte(since));
+        }
+        if let Some(until) = until.0 {
+            query = query.filter(webhook_event::Column::CreatedAt.lt(until));
+        }
+        if let Some(cursor) = cursor.0 {
+            let before: i64 = cursor
+                .parse()
+                .map_err(|_| ApiError::bad_request("cursor_invalid", "`cursor` is not a cursor from this API", vec![]))?;
+            query = query.filter(webhook_event::Column::Id.lt(before));
+        }
+        let mut rows = query.all(&state.db).await.map_err(db_error)?;
+        let next_cursor = if rows.len() as u64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|r| r.id.to_string())
+        } else {
+            None
+        };
+        Ok(Json(EventPage { events: rows.into_iter().map(EventView::from).collect(), next_cursor }))
+    }
+
+    /// Get one event with its payload and outbox state
+    #[oai(path = "/api/admin/events/:event_id", method = "get", operation_id = "adminGetEvent")]
+    async fn get_event(
+        &self,
+        _auth: AdminToken,
+        state: Data<&Arc<AppState>>,
+        event_id: Path<String>,
+    ) -> ApiResult<Json<EventDetail>> {
+        let event = find_event(&state.db, &event_id.0).await?;
+        let outbox = outbox::Entity::find()
+            .filter(outbox::Column::EventId.eq(&event.event_id))
+            .order_by_asc(outbox::Column::Id)
+            .all(&state.db)
+            .await
+            .map_err(db_error)?
+            .into_iter()
+            .map(|o| OutboxView {
+                topic: o.topic,
+                message_key: o.message_key,
+                created_at: o.created_at,
+                published_at: o.published_at,
+                attempts: o.attempts,
+                next_attempt_at: o.next_attempt_at,
+                last_error: o.last_error,
+            })
+            .collect();
+        let payload = event.payload.clone();
+        Ok(Json(EventDetail { event: event.into(), payload, outbox }))
+    }
+
+    /// Retry one failed event
+    ///
+    /// Puts the event back to `pending` with a new outbox row, in one transaction; the relay and
+    /// consumer then process it as usual. Also the way to redrive a dead-lettered message: its
+    /// `event-id` header names the event.
+    #[oai(path = "/api/admin/events/:event_id/retry", method = "post", operation_id = "adminRetryEvent")]
+    async fn retry_event(
+        &self,
+        _auth: AdminToken,
+        state: Data<&Arc<AppState>>,
+        event_id: Path<String>,
+    ) -> ApiResult<Json<RetryResult>> {
+        let event = find_event(&state.db, &event_id.0).await?;
+        if event.status != webhook_event::STATUS_FAILED {
+            return Err(ApiError::conflict(
+                "event_not_failed",
+                format!("only failed events can be retried; this one is {}", event.status),
+            ));
+        }
+        let filter = webhook_event::Column::EventId.eq(event.event_id.clone());
+        let requeued = requeue_failed(&state.db, &state.config.kafka, filter).await.map_err(db_error)?;
+        Ok(Json(RetryResult { requeued }))
+    }
+
+    /// Retry every failed event matching a filter
+    #[oai(path = "/api/admin/events/retry", method = "post", operation_id = "adminRetryFailedEvents")]
+    async fn retry_failed(
+        &self,
+        _auth: AdminToken,
+        state: Data<&Arc<AppState>>,
+        filter: Json<RetryFilter>,
+    ) -> ApiResult<Json<RetryResult>> {
+        let mut condition = sea_orm::Condition::all();
+        if let Some(event_type) = &filter.event_type {
+            condition = condition.add(webhook_event::Column::EventType.eq(event_type.clone()));
+        }
+        if let Some(since) = filter.since {
+            condition = condition.add(webhook_event::Column::CreatedAt.gte(since));
+        }
+        if let Some(until) = filter.until {
+            condition = condition.add(webhook_event::Column::CreatedAt.lt(until));
+        }
+        let requeued = requeue_failed(&state.db, &state.config.kafka, condition).await.map_err(db_error)?;
+        Ok(Json(RetryResult { requeued }))
+    }
+
+    /// Outbox backlog
+    ///
+    /// The figures behind the `outbox_*` metrics, computed now.
+    #[oai(path = "/api/admin/outbox", method = "get", operation_id = "adminOutboxSummary")]
+    async fn outbox_summary(&self, _auth: AdminToken, state: Data<&Arc<AppState>>) -> ApiResult<Json<OutboxSummary>> {
+        backlog(&state.db).await.map(Json).map_err(db_error)
+    }
+}
+
+async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhook_event::Model> {
+    webhook_event::Entity::find()
+        .filter(webhook_event::Column::EventId.eq(event_id))
+        .one(db)
+        .await
+        .map_err(db_error)?
+        .ok_or_else(|| ApiError::not_found(format!("no event with id {event_id}")))
+}
+
+/// Sets the matching failed events back to `pending` and gives each a new outbox row, in one
+/// transaction.
+async fn requeue_failed(
+    db: &DatabaseConnection,
+    kafka: &KafkaConfig,
+    filter: impl sea_orm::sea_query::IntoCondition,
+) -> Result<u64, DbErr> {
+    let txn = db.begin().await?;
+    let mut select = webhook_event::Entity::find()
+        .filter(webhook_event::Column::Status.eq(webhook_event::STATUS_FAILED))
+        .filter(filter);
+    if db.get_database_backend() == DatabaseBackend::Postgres {
+        select = select.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+    }
+    let events = select.all(&txn).await?;
+    if events.is_empty() {
+        txn.commit().await?;
+        return Ok(0);
+    }
+    let now = Utc::now();
+    webhook_event::Entity::update_many()
+        .col_expr(webhook_event::Column::Status, Expr::value(webhook_event::STATUS_PENDING))
+        .col_expr(webhook_event::Column::Error, Expr::value(Option::<String>::None))
+        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
+        .filter(webhook_event::Column::Id.is_in(events.iter().map(|e| e.id)))
+        .exec(&txn)
+        .await?;
+    let rows: Vec<_> = events.iter().map(|e| (e.event_id.as_str(), e.event_type.as_str(), e.contact_id.as_str(), &e.payload)).collect();
+    insert_outbox_rows(&txn, kafka, &rows).await?;
+    txn.commit().await?;
+    tracing::info!(requeued = events.len(), "failed events re-queued");
+    Ok(events.len() as u64)
+}
+
+#[derive(FromQueryResult)]
+struct BacklogRow {
+    topic: String,
+    pending: i64,
+    parked: i64,
+    oldest_claimable: Option<DateTime<Utc>>,
+}
+
+/// Current outbox backlog, per topic. Reads only unpublished rows (a partial index).
+pub async fn backlog(db: &DatabaseConnection) -> Result<OutboxSummary, DbErr> {
+    let now = Utc::now();
+    let backend = db.get_database_backend();
+    let placeholder = if backend == DatabaseBackend::Postgres { "$1" } else { "?" };
+    let sql = format!(
+        "SELECT topic, COUNT(*) AS pending, \
+                CAST(SUM(CASE WHEN next_attempt_at > {placeholder} THEN 1 ELSE 0 END) AS BIGINT) AS parked, \
+                MIN(CASE WHEN next_attempt_at <= {placeholder} THEN created_at END) AS oldest_claimable \
+         FROM outbox WHERE published_at IS NULL GROUP BY topic ORDER BY topic"
+    );
+    let values: Vec<sea_orm::Value> = if backend == DatabaseBackend::Postgres { vec![now.into()] } else { vec![now.into(), now.into()] };
+    let rows = BacklogRow::find_by_statement(Statement::from_sql_and_values(backend, sql, values)).all(db).await?;
+    let age = |t: Option<DateTime<Utc>>| t.map_or(0.0, |t| ((now - t).num_milliseconds().max(0) as f64) / 1000.0);
+    let topics: Vec<TopicBacklog> = rows
+        .into_iter()
+        .map(|r| TopicBacklog { topic: r.topic, pending: r.pending, parked: r.parked, oldest_claimable_age_secs: age(r.oldest_claimable) })
+        .collect();
+    Ok(OutboxSummary {
+        pending: topics.iter().map(|t| t.pending).sum(),
+        parked: topics.iter().map(|t| t.parked).sum(),
+        oldest_claimable_age_secs: topics.iter().map(|t| t.oldest_claimable_age_secs).fold(0.0, f64::max),
+        topics,
+    })
+}
+
+/// Keeps the `outbox_*` gauges current, so a scrape never queries the database.
+pub async fn refresh_backlog_gauges(db: DatabaseConnection, every: Duration, shutdown: CancellationToken) {
+    let mut seen = BTreeSet::<String>::new();
+    while !shutdown.is_cancelled() {
+        match backlog(&db).await {
+            Ok(summary) => {
+                // Topics that drained disappear from the query; report them as empty.
+                for topic in &seen {
+                    if !summary.topics.iter().any(|t| &t.topic == topic) {
+                        set_gauges(topic, 0, 0, 0.0);
+                    }
+                }
+                for t in &summary.topics {
+                    seen.insert(t.topic.clone());
+                    set_gauges(&t.topic, t.pending, t.parked, t.oldest_claimable_age_secs);
+                }
+                metrics::gauge!("outbox_pending_total").set(summary.pending as f64);
+                metrics::gauge!("outbox_oldest_claimable_age_seconds_max").set(summary.oldest_claimable_age_secs);
+            }
+            Err(error) => tracing::warn!(%error, "outbox backlog query failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+fn set_gauges(topic: &str, pending: i64, parked: i64, oldest: f64) {
+    let topic = topic.to_owned();
+    metrics::gauge!("outbox_pending", "topic" => topic.clone()).set(pending as f64);
+    metrics::gauge!("outbox_parked", "topic" => topic.clone()).set(parked as f64);
+    metrics::gauge!("outbox_oldest_claimable_age_seconds", "topic" => topic).set(oldest);
+}

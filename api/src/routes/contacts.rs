@@ -1,0 +1,76 @@
+//! `GET /api/contacts/{id}`: the mirrored contact.
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use entity::contact;
+use poem::web::Data;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi};
+use sea_orm::EntityTrait;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::ApiTags;
+
+pub struct ContactsApi;
+
+/// A contact as of the newest event applied to it.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ContactView {
+    pub id: String,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+    pub company: Option<String>,
+    pub title: Option<String>,
+    /// `data.createdAt` as AcmeCRM sent it.
+    pub created_at: Option<DateTime<Utc>>,
+    /// `data.updatedAt` of the applied event.
+    pub updated_at: Option<DateTime<Utc>>,
+    /// True once a `contact.deleted` was applied; a deleted contact is never brought back.
+    pub deleted: bool,
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// The event that produced this state.
+    pub last_event_id: String,
+    /// The full `data` object of that event, unknown fields included.
+    pub data: serde_json::Value,
+}
+
+impl From<contact::Model> for ContactView {
+    fn from(c: contact::Model) -> Self {
+        Self {
+            id: c.id,
+            email: c.email,
+            first_name: c.first_name,
+            last_name: c.last_name,
+            phone: c.phone,
+            company: c.company,
+            title: c.title,
+            created_at: c.source_created_at,
+            updated_at: c.source_updated_at,
+            deleted: c.deleted,
+            deleted_at: c.deleted_at,
+            last_event_id: c.last_event_id,
+            data: c.data,
+        }
+    }
+}
+
+#[OpenApi(tag = "ApiTags::Contacts")]
+impl ContactsApi {
+    /// Get a mirrored contact
+    #[oai(path = "/api/contacts/:id", method = "get", operation_id = "getContact")]
+    async fn get_contact(&self, state: Data<&Arc<AppState>>, id: Path<String>) -> ApiResult<Json<ContactView>> {
+        let found = contact::Entity::find_by_id(id.0.clone())
+            .one(&state.db)
+            .await
+            .map_err(|e| ApiError::internal("reading a contact failed", &e))?;
+        found
+            .map(|c| Json(c.into()))
+            .ok_or_else(|| ApiError::not_found(format!("no contact with id {}", id.0)))
+    }
+}

@@ -1,0 +1,86 @@
+//! Liveness, readiness and Prometheus metrics.
+use std::sync::Arc;
+use std::time::Duration;
+
+use poem::web::Data;
+use poem_openapi::payload::{Json, PlainText};
+use poem_openapi::{ApiResponse, Object, OpenApi};
+
+use crate::app::AppState;
+use crate::routes::ApiTags;
+use crate::telemetry::metrics_handle;
+
+pub struct HealthApi;
+
+/// State of one dependency.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+pub struct DependencyStatus {
+    /// `database` or `kafka`.
+    pub name: String,
+    /// Whether it answered in time.
+    pub up: bool,
+    /// Why it is considered down.
+    #[oai(skip_serializing_if_is_none)]
+    pub error: Option<String>,
+}
+
+/// Readiness of the service and of each dependency.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub dependencies: Vec<DependencyStatus>,
+}
+
+#[derive(ApiResponse)]
+pub enum ReadyResponse {
+    /// The database answers and, when Kafka is configured, the broker answers.
+    #[oai(status = 200)]
+    Ready(Json<Readiness>),
+    /// A dependency is down; the body names it.
+    #[oai(status = 503)]
+    NotReady(Json<Readiness>),
+}
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[OpenApi(tag = "ApiTags::Operations")]
+impl HealthApi {
+    /// Liveness: the process is up
+    #[oai(path = "/healthz", method = "get", operation_id = "healthz")]
+    async fn healthz(&self) -> PlainText<&'static str> {
+        PlainText("ok")
+    }
+
+    /// Readiness: the database and (when configured) the Kafka broker answer
+    #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
+    async fn readyz(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
+        let database = match tokio::time::timeout(PROBE_TIMEOUT, state.db.ping()).await {
+            Ok(Ok(())) => DependencyStatus { name: "database".into(), up: true, error: None },
+            Ok(Err(_)) => down("database", "the database did not answer"),
+            Err(_) => down("database", "the database did not answer in time"),
+        };
+        let mut dependencies = vec![database];
+        if state.config.kafka.brokers.is_some() {
+            dependencies.push(match relay::kafka::check_broker(&state.config.kafka, PROBE_TIMEOUT).await {
+                Ok(()) => DependencyStatus { name: "kafka".into(), up: true, error: None },
+                Err(_) => down("kafka", "the broker did not answer a metadata request in time"),
+            });
+        }
+        let ready = dependencies.iter().all(|d| d.up);
+        let body = Json(Readiness { ready, dependencies });
+        if ready { ReadyResponse::Ready(body) } else { ReadyResponse::NotReady(body) }
+    }
+
+    /// Prometheus metrics
+    ///
+    /// Ingest requests by outcome and rejection reason, ingest latency, outbox backlog per topic,
+    /// relay and consumer counters, consumer lag per partition.
+    #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
+    async fn metrics(&self) -> PlainText<String> {
+        PlainText(metrics_handle().render())
+    }
+}
+
+fn down(name: &str, error: &str) -> DependencyStatus {
+    DependencyStatus { name: name.into(), up: false, error: Some(error.into()) }
+}

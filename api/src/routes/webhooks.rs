@@ -1,0 +1,122 @@
+//! `POST /api/webhooks`.
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use poem::Request;
+use poem::web::Data;
+use poem_openapi::param::Header;
+use poem_openapi::payload::Json;
+use poem_openapi::{ApiResponse, OpenApi};
+use tracing::Instrument;
+
+use crate::app::AppState;
+use crate::error::{ApiError, ApiResult, ErrorDetail};
+use crate::ingest::IngestOutcome;
+use crate::raw_body::RawJsonBody;
+use crate::routes::ApiTags;
+use crate::schema::{AckStatus, WebhookAck};
+use crate::timestamp::check_freshness;
+use crate::validation::{ValidationError, validate_event};
+
+pub struct WebhookApi;
+
+#[derive(ApiResponse)]
+pub enum WebhookResponse {
+    /// The event is durably stored with its outbox row (`accepted`), or was stored before
+    /// (`duplicate`). Either way AcmeCRM can stop retrying.
+    #[oai(status = 200)]
+    Ok(Json<WebhookAck>),
+}
+
+/// Counts a rejection by its (bounded) reason and passes the error on.
+fn reject(reason: &'static str, error: ApiError) -> ApiError {
+    metrics::counter!("webhook_requests_total", "outcome" => "rejected").increment(1);
+    metrics::counter!("webhook_rejections_total", "reason" => reason).increment(1);
+    tracing::info!(reason, "webhook rejected");
+    error
+}
+
+#[OpenApi(tag = "ApiTags::Webhooks")]
+impl WebhookApi {
+    /// Receive an AcmeCRM contact event
+    ///
+    /// Checks, in this order: body size and content type, the HMAC-SHA256 signature of the raw
+    /// body, the timestamp window, the client IP allowlist, then the JSON body. A 200 means the
+    /// event and its outbox row are committed in one transaction; processing happens after.
+    /// Any non-2xx answer changed nothing, and a 500 may be retried.
+    #[oai(path = "/api/webhooks", method = "post", operation_id = "receiveWebhook")]
+    async fn receive(
+        &self,
+        state: Data<&Arc<AppState>>,
+        request: &Request,
+        /// Required. `hex(HMAC-SHA256(secret, raw body))`, optionally prefixed `sha256=`, either
+        /// case. Missing or wrong: 401.
+        #[oai(name = "X-Acme-Signature")]
+        signature: Header<Option<String>>,
+        /// Required. When the webhook was sent: unix seconds, unix milliseconds or RFC 3339. More
+        /// than `webhook.timestamp_tolerance_secs` (default 300) from now, either way: 401.
+        #[oai(name = "X-Acme-Timestamp")]
+        timestamp: Header<Option<String>>,
+        body: RawJsonBody,
+    ) -> ApiResult<WebhookResponse> {
+        let started = Instant::now();
+        let body = body.0;
+        if let Err(error) = state.verifier.verify(signature.0.as_deref(), &body) {
+            return Err(reject("signature_invalid", ApiError::unauthorized("signature_invalid", error.to_string())));
+        }
+        let tolerance = state.config.webhook.timestamp_tolerance_secs;
+        if let Err(error) = check_freshness(timestamp.0.as_deref(), Utc::now(), tolerance) {
+            return Err(reject(
+                "timestamp_out_of_window",
+                ApiError::unauthorized("timestamp_invalid", error.to_string()),
+            ));
+        }
+        if state.ip_policy.is_enabled() {
+            let peer = request.remote_addr().as_socket_addr().map(|a| a.ip());
+            let forwarded_for = request.header("X-Forwarded-For");
+            let allowed = peer.is_some_and(|peer| state.ip_policy.allows(state.ip_policy.client_ip(peer, forwarded_for)));
+            if !allowed {
+                return Err(reject(
+                    "ip_forbidden",
+                    ApiError::forbidden("ip_forbidden", "the client address is not allowed to post webhooks"),
+                ));
+            }
+        }
+        let event = validate_event(&body).map_err(|error| {
+            let api_error = match error {
+                ValidationError::Json(message) => {
+                    ApiError::bad_request("payload_invalid", format!("the body is not valid JSON: {message}"), vec![])
+                }
+                ValidationError::Fields(errors) => ApiError::bad_request(
+                    "payload_invalid",
+                    "the body is not a valid contact event",
+                    errors.into_iter().map(ErrorDetail::from).collect(),
+                ),
+            };
+            reject("payload_invalid", api_error)
+        })?;
+
+        let event_id = event.event_id.clone();
+        let span = tracing::info_span!("ingest", event_id = %event_id, event_type = event.event_type.as_str());
+        let outcome = state.writer.ingest(event).instrument(span).await.map_err(|error| {
+            metrics::counter!("webhook_requests_total", "outcome" => "error").increment(1);
+            ApiError::internal("storing the webhook failed", &error)
+        })?;
+        metrics::histogram!("webhook_ingest_seconds").record(started.elapsed().as_secs_f64());
+        let status = match outcome {
+            IngestOutcome::Accepted => {
+                metrics::counter!("webhook_requests_total", "outcome" => "accepted").increment(1);
+                tracing::info!("webhook accepted");
+                AckStatus::Accepted
+            }
+            IngestOutcome::Duplicate => {
+                metrics::counter!("webhook_requests_total", "outcome" => "duplicate").increment(1);
+                metrics::counter!("webhook_rejections_total", "reason" => "duplicate").increment(1);
+                tracing::info!("duplicate webhook acknowledged");
+                AckStatus::Duplicate
+            }
+        };
+        Ok(WebhookResponse::Ok(Json(WebhookAck { event_id, status })))
+    }
+}

@@ -1,0 +1,307 @@
+//! Validation of the contact event body: every offending field is reported, not just the first.
+use chrono::{DateTime, Utc};
+use relay::event::{EventType, rfc3339_field};
+use serde_json::{Map, Value};
+
+/// Longest event id or contact id we store (the column width).
+const MAX_ID_LEN: usize = 255;
+/// RFC 5321 limit on an address.
+const MAX_EMAIL_LEN: usize = 320;
+
+/// One offending field, by JSON path (`data.email`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+/// A body that passed validation; `payload` is the body as received, unknown fields included.
+#[derive(Debug, Clone)]
+pub struct ContactEvent {
+    pub event_id: String,
+    pub event_type: EventType,
+    pub timestamp: DateTime<Utc>,
+    pub contact_id: String,
+    pub payload: Value,
+}
+
+/// Why a body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidationError {
+    /// Not JSON at all; the parser's position message.
+    Json(String),
+    /// JSON, but not a valid contact event.
+    Fields(Vec<FieldError>),
+}
+
+/// Parses and validates a webhook body.
+pub fn validate_event(body: &[u8]) -> Result<ContactEvent, ValidationError> {
+    let payload: Value =
+        serde_json::from_slice(body).map_err(|e| ValidationError::Json(e.to_string()))?;
+    let Some(root) = payload.as_object() else {
+        return Err(ValidationError::Fields(vec![error("$", "must be a JSON object")]));
+    };
+    let mut errors = Vec::new();
+
+    let event_type = match root.get("event") {
+        None | Some(Value::Null) => {
+            errors.push(error("event", "is required"));
+            None
+        }
+        Some(value) => {
+            let parsed = value.as_str().and_then(EventType::parse);
+            if parsed.is_none() {
+                errors.push(error(
+                    "event",
+                    "must be one of contact.created, contact.updated, contact.deleted",
+                ));
+            }
+            parsed
+        }
+    };
+    let event_id = required_id(root, "id", "id", &mut errors);
+    let timestamp = required_time(root, "timestamp", "timestamp", &mut errors);
+
+    let contact_id = match root.get("data") {
+        Some(Value::Object(data)) => validate_data(data, event_type, &mut errors),
+        None | Some(Value::Null) => {
+            errors.push(error("data", "is required"));
+            None
+        }
+        Some(_) => {
+            errors.push(error("data", "must be an object"));
+            None
+        }
+    };
+
+    match (event_type, event_id, timestamp, contact_id) {
+        (Some(event_type), Some(event_id), Some(timestamp), Some(contact_id))
+            if errors.is_empty() =>
+        {
+            Ok(ContactEvent { event_id, event_type, timestamp, contact_id, payload })
+        }
+        _ => Err(ValidationError::Fields(errors)),
+    }
+}
+
+/// Checks `data` for the event type; returns the contact id when it is valid.
+fn validate_data(
+    data: &Map<String, Value>,
+    event_type: Option<EventType>,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    let contact_id = required_id(data, "id", "data.id", errors);
+    match event_type {
+        Some(EventType::Created | EventType::Updated) => {
+            match required_string(data, "email", "data.email", errors) {
+                Some(email) if !is_valid_email(email) => {
+                    errors.push(error("data.email", "must be a valid email address"));
+                }
+                _ => {}
+            }
+            required_string(data, "firstName", "data.firstName", errors);
+            required_string(data, "lastName", "data.lastName", errors);
+            required_time(data, "createdAt", "data.createdAt", errors);
+            required_time(data, "updatedAt", "data.updatedAt", errors);
+            for field in ["phone", "company", "title"] {
+                optional_string(data, field, errors);
+            }
+        }
+        // A deletion needs only the id; a timestamp, when sent, must still be readable.
+        Some(EventType::Deleted) => {
+            if data.get("updatedAt").is_some_and(|v| !v.is_null())
+                && rfc3339_field(&Value::Object(data.clone()), "updatedAt").is_none()
+            {
+                errors.push(error("data.updatedAt", "must be an RFC 3339 date-time"));
+            }
+        }
+        None => {}
+    }
+    contact_id
+}
+
+fn error(field: &str, message: &str) -> FieldError {
+    FieldError { field: field.to_owned(), message: message.to_owned() }
+}
+
+fn required_string<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'a str> {
+    match object.get(key) {
+        None | Some(Value::Null) => errors.push(error(path, "is required")),
+        Some(Value::String(s)) if s.trim().is_empty() => errors.push(error(path, "must not be empty")),
+        Some(Value::String(s)) => return Some(s),
+        Some(_) => errors.push(error(path, "must be a string")),
+    }
+    None
+}
+
+fn optional_string(object: &Map<String, Value>, key: &str, errors: &mut Vec<FieldError>) {
+    if let Some(value) = object.get(key)
+        && !(value.is_string() || value.is_null())
+    {
+        errors.push(FieldError { field: format!("data.{key}"), message: "must be a string".into() });
+    }
+}
+
+fn required_id(
+    object: &Map<String, Value>,
+    key: &str,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    let id = required_string(object, key, path, errors)?;
+    if id.len() > MAX_ID_LEN {
+        errors.push(error(path, "must be at most 255 bytes"));
+        return None;
+    }
+    Some(id.to_owned())
+}
+
+fn required_time(
+    object: &Map<String, Value>,
+    key: &str,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<DateTime<Utc>> {
+    let value = required_string(object, key, path, errors)?;
+    match DateTime::parse_from_rfc3339(value) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(_) => {
+            errors.push(error(path, "must be an RFC 3339 date-time"));
+            None
+        }
+    }
+}
+
+/// A pragmatic address check: one `@`, a non-empty local part, a dotted domain, no spaces.
+fn is_valid_email(email: &str) -> bool {
+    if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Some((local, domain)) = email.split_once('@') else { return false };
+    !local.is_empty()
+        && local.len() <= 64
+        && !domain.contains('@')
+        && domain.contains('.')
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn seed_example() -> Value {
+        json!({
+            "event": "contact.created",
+            "timestamp": "2025-05-19T00:00:00.000Z",
+            "id": "evt_123456789",
+            "data": {
+                "id": "c8b5f7d9-8e7a-4a1d-9b5c-1d2e3f4a5b6c",
+                "firstName": "John",
+                "lastName": "Smith",
+                "email": "john.smith@example.com",
+                "phone": "555-987-6543",
+                "company": "Acme Inc",
+                "title": "Senior Engineer",
+                "createdAt": "2025-05-19T00:00:00.000Z",
+                "updatedAt": "2025-05-19T00:00:00.000Z"
+            }
+        })
+    }
+
+    fn fields(body: &Value) -> Vec<String> {
+        match validate_event(body.to_string().as_bytes()) {
+            Err(ValidationError::Fields(errors)) => errors.into_iter().map(|e| e.field).collect(),
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_seed_example_is_valid_and_kept_whole() {
+        let mut body = seed_example();
+        body["data"]["favouriteColour"] = json!("teal");
+        let event = validate_event(body.to_string().as_bytes()).expect("valid");
+        assert_eq!(event.event_id, "evt_123456789");
+        assert_eq!(event.event_type, EventType::Created);
+        assert_eq!(event.contact_id, "c8b5f7d9-8e7a-4a1d-9b5c-1d2e3f4a5b6c");
+        assert_eq!(event.payload["data"]["favouriteColour"], "teal");
+    }
+
+    #[test]
+    fn every_offending_top_level_field_is_listed() {
+        let mut body = seed_example();
+        body["event"] = json!("contact.merged");
+        body["id"] = json!("");
+        body["timestamp"] = json!("yesterday");
+        assert_eq!(fields(&body), ["event", "id", "timestamp"]);
+    }
+
+    #[test]
+    fn every_offending_data_field_is_listed() {
+        let mut body = seed_example();
+        body["event"] = json!("contact.updated");
+        body["data"]["email"] = json!("not-an-email");
+        body["data"]["updatedAt"] = json!(42);
+        body["data"]["phone"] = json!(5559876543_u64);
+        body["data"].as_object_mut().expect("object").remove("firstName");
+        assert_eq!(fields(&body), ["data.email", "data.firstName", "data.updatedAt", "data.phone"]);
+    }
+
+    #[test]
+    fn missing_everything() {
+        assert_eq!(fields(&json!({})), ["event", "id", "timestamp", "data"]);
+        assert_eq!(fields(&json!([1, 2])), ["$"]);
+        let mut body = seed_example();
+        body["data"] = json!("c1");
+        assert_eq!(fields(&body), ["data"]);
+    }
+
+    #[test]
+    fn a_deletion_needs_only_the_contact_id() {
+        let body = json!({
+            "event": "contact.deleted", "id": "evt_9", "timestamp": "2025-05-19T00:00:00Z",
+            "data": { "id": "c1" }
+        });
+        let event = validate_event(body.to_string().as_bytes()).expect("valid");
+        assert_eq!(event.event_type, EventType::Deleted);
+        assert_eq!(event.contact_id, "c1");
+        let body = json!({
+            "event": "contact.deleted", "id": "evt_9", "timestamp": "2025-05-19T00:00:00Z",
+            "data": { "updatedAt": "never" }
+        });
+        assert_eq!(fields(&body), ["data.id", "data.updatedAt"]);
+    }
+
+    #[test]
+    fn invalid_json_is_reported_as_such() {
+        assert!(matches!(validate_event(b"{\"event\":"), Err(ValidationError::Json(_))));
+        assert!(matches!(validate_event(b""), Err(ValidationError::Json(_))));
+    }
+
+    #[test]
+    fn overlong_ids_are_refused() {
+        let mut body = seed_example();
+        body["id"] = json!("e".repeat(256));
+        assert_eq!(fields(&body), ["id"]);
+    }
+
+    #[test]
+    fn email_check() {
+        for good in ["a@b.co", "john.smith+tag@example.com", "x@sub-domain.example.org"] {
+            assert!(is_valid_email(good), "{good}");
+        }
+        for bad in ["", "a", "@b.co", "a@", "a@b", "a b@c.com", "a@b..com", "a@-b.com", "a@b@c.com"] {
+            assert!(!is_valid_email(bad), "{bad}");
+        }
+    }
+}

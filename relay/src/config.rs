@@ -1,0 +1,84 @@
+//! Settings of the Kafka clients, the relay and the consumer (sections of the service config).
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[kafka]`: where the bus is and how topics are named.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers; `None` selects the in-process bus.
+    pub brokers: Option<String>,
+    pub topic_prefix: String,
+    pub group_id: String,
+    pub create_topics: bool,
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub message_timeout_ms: u64,
+    /// Passed to every librdkafka client unchanged (security.protocol, sasl.*, ssl.*, ...).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+impl KafkaConfig {
+    /// The topic of one event type, e.g. `acme.contact.created`.
+    pub fn topic_for(&self, event_type: &str) -> String {
+        format!("{}.{}", self.topic_prefix, event_type)
+    }
+
+    /// Where messages that cannot be processed end up.
+    pub fn dlq_topic(&self) -> String {
+        format!("{}.webhooks.dlq", self.topic_prefix)
+    }
+
+    /// Every topic the service produces to or consumes from.
+    pub fn all_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = crate::EVENT_TYPES.iter().map(|t| self.topic_for(t)).collect();
+        topics.push(self.dlq_topic());
+        topics
+    }
+}
+
+/// `[relay]`: outbox claiming and publish retries.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    pub batch_size: u64,
+    pub poll_interval_ms: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl RelayConfig {
+    pub fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.poll_interval_ms)
+    }
+}
+
+/// `[consumer]`: retries of transient processing failures.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+/// Exponential backoff `base * 2^attempt`, capped at `max`.
+pub fn backoff(base_ms: u64, max_ms: u64, attempt: u32) -> Duration {
+    let factor = 1u64.checked_shl(attempt.min(32)).unwrap_or(u64::MAX);
+    Duration::from_millis(base_ms.saturating_mul(factor).min(max_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(100, 1000, 0), Duration::from_millis(100));
+        assert_eq!(backoff(100, 1000, 3), Duration::from_millis(800));
+        assert_eq!(backoff(100, 1000, 4), Duration::from_millis(1000));
+        assert_eq!(backoff(100, 1000, 200), Duration::from_millis(1000));
+    }
+}

@@ -1,0 +1,133 @@
+//! rdkafka clients: configuration, topic creation, the idempotent publisher, the consumer.
+//! Creating, flushing and querying clients blocks, so it runs on the blocking thread pool.
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::bus::BusMessage;
+use crate::config::KafkaConfig;
+
+/// Base settings shared by every client: brokers, then the pass-through properties.
+pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", config.brokers.as_deref().unwrap_or_default());
+    for (key, value) in &config.properties {
+        // Environment keys cannot hold dots: `SASL_MECHANISMS` stands for `sasl.mechanisms`.
+        client.set(key.replace('_', "."), value);
+    }
+    client
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking Kafka call panicked")
+}
+
+/// Creates the event topics and the dead-letter topic when they are missing.
+pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+    let client_config = client_config(config);
+    let admin: AdminClient<DefaultClientContext> = blocking(move || client_config.create()).await?;
+    let topics = config.all_topics();
+    let new_topics: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication_factor)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new_topics, &options).await? {
+        match result {
+            Ok(topic) => tracing::info!(%topic, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
+                    tracing::error!(%topic, ?code, "could not create topic");
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asks the cluster for its metadata: the readiness probe of the broker.
+pub async fn check_broker(config: &KafkaConfig, timeout: Duration) -> Result<(), KafkaError> {
+    let client_config = client_config(config);
+    blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer = client_config.create()?;
+        consumer.fetch_metadata(None, Timeout::After(timeout)).map(|_| ())
+    })
+    .await
+}
+
+/// The relay's producer: idempotent, `acks=all`, one delivery report per message.
+#[derive(Clone)]
+pub struct KafkaPublisher {
+    producer: Arc<FutureProducer>,
+}
+
+impl KafkaPublisher {
+    pub async fn connect(config: &KafkaConfig) -> Result<Self, KafkaError> {
+        let mut client_config = client_config(config);
+        client_config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", config.message_timeout_ms.to_string())
+            .set("linger.ms", "2");
+        let producer: FutureProducer = blocking(move || client_config.create()).await?;
+        Ok(Self { producer: Arc::new(producer) })
+    }
+
+    /// Sends every message and waits for every delivery report.
+    pub async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), String>> {
+        let deliveries = messages.iter().map(|message| {
+            let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
+            for (name, value) in &message.headers {
+                headers = headers.insert(Header { key: name, value: Some(value) });
+            }
+            let record = FutureRecord::to(&message.topic)
+                .key(&message.key)
+                .payload(&message.payload)
+                .headers(headers);
+            // Timeout::Never: a full local queue waits for room instead of failing the row;
+            // `message.timeout.ms` still bounds how long a delivery may take.
+            self.producer.send(record, Timeout::Never)
+        });
+        futures::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .map(|delivery| delivery.map(|_| ()).map_err(|(error, _)| error.to_string()))
+            .collect()
+    }
+
+    /// Waits for queued messages, at most `timeout`.
+    pub async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        if let Err(error) = blocking(move || producer.flush(Timeout::After(timeout))).await {
+            tracing::warn!(%error, "producer flush did not complete");
+        }
+    }
+}
+
+/// A consumer-group member subscribed to the event topics, committing offsets by hand.
+pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, KafkaError> {
+    let mut client_config = client_config(config);
+    client_config
+        .set("group.id", &config.group_id)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false");
+    let topics: Vec<String> =
+        crate::EVENT_TYPES.iter().map(|t| config.topic_for(t)).collect();
+    blocking(move || {
+        let consumer: StreamConsumer = client_config.create()?;
+        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        Ok(consumer)
+    })
+    .await
+}

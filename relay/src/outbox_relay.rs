@@ -1,0 +1,159 @@
+//! The outbox relay: claims unpublished rows with `FOR UPDATE SKIP LOCKED`, publishes them, waits
+//! for every delivery report, then marks the delivered rows published in the claiming transaction.
+//! A row is never marked published without a delivery report; a relay that dies mid-batch rolls
+//! back and another relay (or its restart) publishes the rows again.
+use std::time::Instant;
+
+use chrono::Utc;
+use entity::outbox;
+use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
+use sea_orm::{
+    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, QueryTrait, TransactionTrait,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{BusMessage, Publisher};
+use crate::config::{RelayConfig, backoff};
+use crate::wakeup::OutboxWakeup;
+
+/// What one relay step did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStep {
+    pub published: usize,
+    pub failed: usize,
+}
+
+/// Publishes the outbox to the bus.
+pub struct OutboxRelay {
+    db: DatabaseConnection,
+    publisher: Publisher,
+    config: RelayConfig,
+}
+
+impl OutboxRelay {
+    pub fn new(db: DatabaseConnection, publisher: Publisher, config: RelayConfig) -> Self {
+        Self { db, publisher, config }
+    }
+
+    /// One batch: claim, publish, record the outcome, commit.
+    pub async fn relay_once(&self) -> Result<RelayStep, DbErr> {
+        let now = Utc::now();
+        let txn = self.db.begin().await?;
+        let mut claim = outbox::Entity::find()
+            .filter(outbox::Column::PublishedAt.is_null())
+            .filter(outbox::Column::NextAttemptAt.lte(now))
+            .order_by_asc(outbox::Column::Id)
+            .limit(self.config.batch_size);
+        if self.db.get_database_backend() == DatabaseBackend::Postgres {
+            // Several relays share the outbox: each skips the rows another one holds.
+            claim = claim.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
+        }
+        let rows = claim.all(&txn).await?;
+        if rows.is_empty() {
+            txn.commit().await?;
+            return Ok(RelayStep::default());
+        }
+
+        let started = Instant::now();
+        let messages: Vec<BusMessage> = rows.iter().map(BusMessage::from_outbox).collect();
+        let reports = self.publisher.publish(&messages).await;
+        metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("relay_batch_size").record(rows.len() as f64);
+
+        let mut delivered = Vec::with_capacity(rows.len());
+        let mut step = RelayStep::default();
+        for (row, report) in rows.iter().zip(reports) {
+            match report {
+                Ok(()) => delivered.push(row.id),
+                Err(error) => {
+                    step.failed += 1;
+                    let delay = backoff(
+                        self.config.backoff_base_ms,
+                        self.config.backoff_max_ms,
+                        u32::try_from(row.attempts).unwrap_or(0),
+                    );
+                    tracing::warn!(event_id = %row.event_id, %error, attempts = row.attempts + 1,
+                        retry_in_ms = delay.as_millis() as u64, "publish failed");
+                    outbox::Entity::update_many()
+                        .col_expr(outbox::Column::Attempts, Expr::col(outbox::Column::Attempts).add(1))
+                        .col_expr(outbox::Column::LastError, Expr::value(error))
+                        .col_expr(
+                            outbox::Column::NextAttemptAt,
+                            Expr::value(Utc::now() + delay),
+                        )
+                        .filter(outbox::Column::Id.eq(row.id))
+                        .exec(&txn)
+                        .await?;
+                }
+            }
+        }
+        step.published = delivered.len();
+        if !delivered.is_empty() {
+            outbox::Entity::update_many()
+                .col_expr(outbox::Column::PublishedAt, Expr::value(Utc::now()))
+                .col_expr(outbox::Column::Attempts, Expr::col(outbox::Column::Attempts).add(1))
+                .filter(outbox::Column::Id.is_in(delivered))
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        metrics::counter!("relay_published_total").increment(step.published as u64);
+        metrics::counter!("relay_failed_total").increment(step.failed as u64);
+        tracing::debug!(published = step.published, failed = step.failed, "relay batch");
+        Ok(step)
+    }
+
+    /// Relays until `shutdown`: full batches back to back, otherwise waits for a wake-up or the
+    /// poll interval. A batch in flight at shutdown is finished (its deliveries are awaited).
+    pub async fn run(self, wakeup: OutboxWakeup, shutdown: CancellationToken) {
+        let mut waiter = wakeup.waiter(&self.db).await;
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            let idle = match self.relay_once().await {
+                Ok(step) => {
+                    failures = 0;
+                    (step.published + step.failed) < self.config.batch_size as usize
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::error!(%error, "relay step failed");
+                    let delay = backoff(self.config.backoff_base_ms, self.config.backoff_max_ms, failures);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    false
+                }
+            };
+            if idle {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = waiter.wait(self.config.poll_interval()) => {}
+                }
+            }
+        }
+        if let Publisher::Kafka(kafka) = &self.publisher {
+            kafka.flush(std::time::Duration::from_secs(5)).await;
+        }
+        tracing::info!("relay stopped");
+    }
+}
+
+/// Embedded mode only: the in-process bus forgets its queue when the process stops, so rows of
+/// events that are still pending are published again at start (processing is idempotent).
+pub async fn requeue_pending_in_process(db: &DatabaseConnection) -> Result<u64, DbErr> {
+    use entity::webhook_event;
+    let pending = webhook_event::Entity::find()
+        .select_only()
+        .column(webhook_event::Column::EventId)
+        .filter(webhook_event::Column::Status.eq(webhook_event::STATUS_PENDING))
+        .into_query();
+    let result = outbox::Entity::update_many()
+        .col_expr(outbox::Column::PublishedAt, Expr::value(Option::<chrono::DateTime<Utc>>::None))
+        .filter(outbox::Column::PublishedAt.is_not_null())
+        .filter(outbox::Column::EventId.in_subquery(pending))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
