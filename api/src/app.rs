@@ -89,10 +89,26 @@ pub struct Roles {
 }
 
 impl Roles {
-    pub const ALL: Self = Self { http: true, relay: true, consumer: true };
-    pub const HTTP: Self = Self { http: true, relay: false, consumer: false };
-    pub const RELAY: Self = Self { http: false, relay: true, consumer: false };
-    pub const CONSUMER: Self = Self { http: false, relay: false, consumer: true };
+    pub const ALL: Self = Self {
+        http: true,
+        relay: true,
+        consumer: true,
+    };
+    pub const HTTP: Self = Self {
+        http: true,
+        relay: false,
+        consumer: false,
+    };
+    pub const RELAY: Self = Self {
+        http: false,
+        relay: true,
+        consumer: false,
+    };
+    pub const CONSUMER: Self = Self {
+        http: false,
+        relay: false,
+        consumer: true,
+    };
 }
 
 /// A running service.
@@ -109,25 +125,33 @@ pub struct Service {
 impl Service {
     /// Connects, migrates (if configured), and starts `roles`. `listener` overrides `http.bind`
     /// (tests pass a port-0 listener).
-    pub async fn start(config: Config, roles: Roles, listener: Option<std::net::TcpListener>) -> anyhow::Result<Self> {
+    pub async fn start(
+        config: Config,
+        roles: Roles,
+        listener: Option<std::net::TcpListener>,
+    ) -> anyhow::Result<Self> {
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         telemetry::metrics_handle();
 
-        let db = db::connect(&config).await.context("connecting to the database")?;
+        let db = db::connect(&config)
+            .await
+            .context("connecting to the database")?;
         if config.database.auto_migrate {
             db::migrate(&db).await.context("migrating the database")?;
         }
         let embedded_bus = config.kafka.brokers.is_none();
-        if embedded_bus && roles != Roles::ALL {
+        if embedded_bus && roles.relay != roles.consumer {
             anyhow::bail!(
-                "the in-process bus only works with every role in one process; \
-                 set kafka.brokers to run `serve`, `relay` or `consume` apart"
+                "the in-process bus needs the relay and the consumer in one process; \
+                 set kafka.brokers to run `relay` or `consume` apart"
             );
         }
         if !embedded_bus && config.kafka.create_topics && (roles.relay || roles.consumer) {
-            relay::kafka::ensure_topics(&config.kafka).await.context("creating Kafka topics")?;
+            relay::kafka::ensure_topics(&config.kafka)
+                .await
+                .context("creating Kafka topics")?;
         }
 
         let wakeup = OutboxWakeup::default();
@@ -140,7 +164,11 @@ impl Service {
                 }
                 Publisher::InProcess(in_process_tx)
             } else {
-                Publisher::Kafka(KafkaPublisher::connect(&config.kafka).await.context("creating the Kafka producer")?)
+                Publisher::Kafka(
+                    KafkaPublisher::connect(&config.kafka)
+                        .await
+                        .context("creating the Kafka producer")?,
+                )
             };
             let relay = OutboxRelay::new(db.clone(), publisher, config.relay.clone());
             tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
@@ -148,11 +176,20 @@ impl Service {
         if roles.consumer {
             let processor = EventProcessor::new(db.clone());
             if embedded_bus {
-                tasks.spawn(run_in_process(processor, in_process_rx, config.consumer.clone(), shutdown.clone()));
+                tasks.spawn(run_in_process(
+                    processor,
+                    in_process_rx,
+                    config.consumer.clone(),
+                    shutdown.clone(),
+                ));
             } else {
-                let consumer = KafkaEventConsumer::connect(processor, config.kafka.clone(), config.consumer.clone())
-                    .await
-                    .context("creating the Kafka consumer")?;
+                let consumer = KafkaEventConsumer::connect(
+                    processor,
+                    config.kafka.clone(),
+                    config.consumer.clone(),
+                )
+                .await
+                .context("creating the Kafka consumer")?;
                 let lag = consumer.lag_reporter();
                 let interval = Duration::from_secs(config.metrics.backlog_refresh_secs);
                 let stop = shutdown.clone();
@@ -174,11 +211,19 @@ impl Service {
                 config: config.clone(),
                 db: db.clone(),
                 verifier: SignatureVerifier::new(secrets.iter().map(Secret::expose)),
-                ip_policy: IpPolicy::new(config.webhook.allowed_ips.clone(), config.webhook.trusted_proxies.clone()),
-                writer: IngestWriter::spawn(db.clone(), config.kafka.clone(), wakeup.clone(), GroupCommit {
-                    batch_max: config.ingest.batch_max,
-                    writers: config.ingest.writers,
-                }),
+                ip_policy: IpPolicy::new(
+                    config.webhook.allowed_ips.clone(),
+                    config.webhook.trusted_proxies.clone(),
+                ),
+                writer: IngestWriter::spawn(
+                    db.clone(),
+                    config.kafka.clone(),
+                    wakeup.clone(),
+                    GroupCommit {
+                        batch_max: config.ingest.batch_max,
+                        writers: config.ingest.writers,
+                    },
+                ),
             });
             let listener = match listener {
                 Some(listener) => listener,
@@ -187,13 +232,20 @@ impl Service {
             };
             listener.set_nonblocking(true)?;
             let acceptor = TcpAcceptor::from_std(listener)?;
-            http_addr = acceptor.local_addr().first().and_then(|a| a.as_socket_addr().copied());
+            http_addr = acceptor
+                .local_addr()
+                .first()
+                .and_then(|a| a.as_socket_addr().copied());
             let server = poem::Server::new_with_acceptor(acceptor);
             let app = http_app(state);
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 let result = server
-                    .run_with_graceful_shutdown(app, stop.cancelled_owned(), Some(Duration::from_secs(10)))
+                    .run_with_graceful_shutdown(
+                        app,
+                        stop.cancelled_owned(),
+                        Some(Duration::from_secs(10)),
+                    )
                     .await;
                 if let Err(error) = result {
                     tracing::error!(%error, "HTTP server failed");
@@ -207,7 +259,13 @@ impl Service {
                 shutdown.clone(),
             ));
         }
-        Ok(Self { http_addr, secrets, db, shutdown, tasks })
+        Ok(Self {
+            http_addr,
+            secrets,
+            db,
+            shutdown,
+            tasks,
+        })
     }
 
     /// A token that stops the service when cancelled.
@@ -229,5 +287,43 @@ impl Service {
             _ = self.tasks.join_next() => tracing::error!("a role stopped unexpectedly; shutting down"),
         }
         self.stop().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `openapi.yaml` at the repository root is what the code generates.
+    /// Regenerate it with `UPDATE_OPENAPI=1 cargo test -p acme-webhooks openapi`.
+    #[test]
+    fn openapi_yaml_matches_the_code() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../openapi.yaml");
+        let generated = super::openapi_yaml();
+        if std::env::var_os("UPDATE_OPENAPI").is_some() {
+            std::fs::write(path, &generated).expect("write openapi.yaml");
+            return;
+        }
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "openapi.yaml is out of date: run `UPDATE_OPENAPI=1 cargo test -p acme-webhooks openapi`"
+        );
+    }
+
+    #[test]
+    fn the_spec_documents_the_webhook_operation() {
+        let yaml = super::openapi_yaml();
+        for needle in [
+            "/api/webhooks:",
+            "X-Acme-Signature",
+            "X-Acme-Timestamp",
+            "evt_123456789",
+            "'401':",
+            "'413':",
+            "'415':",
+            "/api/admin/events:",
+            "bearer",
+        ] {
+            assert!(yaml.contains(needle), "the spec lacks {needle}");
+        }
     }
 }

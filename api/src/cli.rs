@@ -47,7 +47,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Relay) => Roles::RELAY,
         Some(Command::Consume) => Roles::CONSUMER,
         Some(Command::Migrate) => {
-            let db = db::connect(&config).await.context("connecting to the database")?;
+            let db = db::connect(&config)
+                .await
+                .context("connecting to the database")?;
             db::migrate(&db).await.context("migrating the database")?;
             println!("migrations applied");
             return Ok(());
@@ -58,7 +60,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let service = Service::start(config.clone(), roles, None).await?;
     if let Some(addr) = service.http_addr {
         if config.is_embedded_database() {
-            println!("{}", dev::banner(&config, addr, &service.secrets, generated_secret));
+            println!(
+                "{}",
+                dev::banner(&config, addr, &service.secrets, generated_secret)
+            );
         } else {
             tracing::info!(%addr, "listening; Swagger UI at /docs");
         }

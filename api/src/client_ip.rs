@@ -12,7 +12,10 @@ pub struct IpPolicy {
 
 impl IpPolicy {
     pub fn new(allowed: Vec<IpNet>, trusted_proxies: Vec<IpNet>) -> Self {
-        Self { allowed, trusted_proxies }
+        Self {
+            allowed,
+            trusted_proxies,
+        }
     }
 
     /// Whether an allowlist is configured at all.
@@ -26,7 +29,9 @@ impl IpPolicy {
         if !self.is_trusted_proxy(peer) {
             return peer;
         }
-        let Some(header) = forwarded_for else { return peer };
+        let Some(header) = forwarded_for else {
+            return peer;
+        };
         let mut client = peer;
         for hop in header.rsplit(',') {
             match hop.trim().parse::<IpAddr>() {
@@ -49,7 +54,9 @@ impl IpPolicy {
     }
 
     fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|net| net.contains(&canonical(ip)))
+        self.trusted_proxies
+            .iter()
+            .any(|net| net.contains(&canonical(ip)))
     }
 }
 
@@ -95,7 +102,10 @@ mod tests {
         assert_eq!(client, ip("203.0.113.9"));
         assert!(policy.allows(client));
         assert_eq!(policy.client_ip(ip("10.1.1.1"), None), ip("10.1.1.1"));
-        assert_eq!(policy.client_ip(ip("10.1.1.1"), Some("garbage")), ip("10.1.1.1"));
+        assert_eq!(
+            policy.client_ip(ip("10.1.1.1"), Some("garbage")),
+            ip("10.1.1.1")
+        );
     }
 
     #[test]

@@ -12,13 +12,20 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
     let embedded = config.is_embedded_database();
     if embedded {
         std::fs::create_dir_all(&config.database.data_dir).map_err(|e| {
-            DbErr::Custom(format!("cannot create {}: {e}", config.database.data_dir.display()))
+            DbErr::Custom(format!(
+                "cannot create {}: {e}",
+                config.database.data_dir.display()
+            ))
         })?;
     }
     let mut options = ConnectOptions::new(url);
     options
         // SQLite has one writer; a single connection serialises the embedded mode simply.
-        .max_connections(if embedded { 1 } else { config.database.max_connections })
+        .max_connections(if embedded {
+            1
+        } else {
+            config.database.max_connections
+        })
         .min_connections(if embedded { 1 } else { 2 })
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10))

@@ -51,7 +51,12 @@ fn load_or_create_secret(path: &Path) -> anyhow::Result<Secret> {
 fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(content.as_bytes())
 }
 
@@ -99,16 +104,27 @@ pub fn sample_curl(addr: SocketAddr, secret: &Secret) -> String {
 /// What the embedded mode prints at start.
 pub fn banner(config: &Config, addr: SocketAddr, secrets: &[Secret], generated: bool) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "\nacme-webhooks is running (embedded mode: SQLite in {}, in-process bus)",
-        config.database.data_dir.display());
+    let _ = writeln!(
+        out,
+        "\nacme-webhooks is running (embedded mode: SQLite in {}, in-process bus)",
+        config.database.data_dir.display()
+    );
     let _ = writeln!(out, "  Swagger UI:   http://{addr}/docs");
     let _ = writeln!(out, "  OpenAPI spec: http://{addr}/openapi.yaml");
     if let Some(secret) = secrets.first() {
         if generated {
-            let _ = writeln!(out, "  Dev webhook secret (generated, kept in {}): {}",
-                config.database.data_dir.join(DEV_SECRET_FILE).display(), secret.expose());
+            let _ = writeln!(
+                out,
+                "  Dev webhook secret (generated, kept in {}): {}",
+                config.database.data_dir.join(DEV_SECRET_FILE).display(),
+                secret.expose()
+            );
         }
-        let _ = writeln!(out, "\nPost a signed sample event:\n\n{}\n", sample_curl(addr, secret));
+        let _ = writeln!(
+            out,
+            "\nPost a signed sample event:\n\n{}\n",
+            sample_curl(addr, secret)
+        );
     }
     out
 }

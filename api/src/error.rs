@@ -30,7 +30,10 @@ pub struct ErrorDetail {
 
 impl From<FieldError> for ErrorDetail {
     fn from(e: FieldError) -> Self {
-        Self { field: e.field, message: e.message }
+        Self {
+            field: e.field,
+            message: e.message,
+        }
     }
 }
 
@@ -67,7 +70,11 @@ pub enum ApiError {
 }
 
 fn body(code: &str, message: impl Into<String>) -> Json<ErrorBody> {
-    Json(ErrorBody { code: code.to_owned(), message: message.into(), details: None })
+    Json(ErrorBody {
+        code: code.to_owned(),
+        message: message.into(),
+        details: None,
+    })
 }
 
 impl ApiError {
@@ -107,7 +114,10 @@ impl ApiError {
     /// Logs `error` with its context and answers a bare 500.
     pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %error, "{context}");
-        Self::Internal(body("internal_error", "internal error; the request may be retried"))
+        Self::Internal(body(
+            "internal_error",
+            "internal error; the request may be retried",
+        ))
     }
 
     /// Converts errors raised outside our handlers (poem's parsers, routing) into our shape.
@@ -124,10 +134,16 @@ impl ApiError {
             },
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::unsupported_media_type(),
             StatusCode::NOT_FOUND => Self::not_found("no such route"),
-            StatusCode::UNAUTHORIZED => Self::unauthorized("unauthorized", "missing or invalid credentials"),
+            StatusCode::UNAUTHORIZED => {
+                Self::unauthorized("unauthorized", "missing or invalid credentials")
+            }
             status if status.is_server_error() => Self::internal("request failed", &err),
             status => {
-                let code = status.canonical_reason().unwrap_or("error").to_lowercase().replace(' ', "_");
+                let code = status
+                    .canonical_reason()
+                    .unwrap_or("error")
+                    .to_lowercase()
+                    .replace(' ', "_");
                 return (status, poem::web::Json(body(&code, err.to_string()).0)).into_response();
             }
         };

@@ -50,7 +50,15 @@ pub async fn store_events<C: ConnectionTrait>(
     let mut insert = Query::insert();
     insert
         .into_table(webhook_event::Entity.table_ref())
-        .columns([E::EventId, E::EventType, E::ContactId, E::Payload, E::Status, E::CreatedAt, E::UpdatedAt])
+        .columns([
+            E::EventId,
+            E::EventType,
+            E::ContactId,
+            E::Payload,
+            E::Status,
+            E::CreatedAt,
+            E::UpdatedAt,
+        ])
         .on_conflict(OnConflict::column(E::EventId).do_nothing().to_owned())
         .returning_col(E::EventId);
     for &i in &order {
@@ -90,7 +98,12 @@ pub async fn store_events<C: ConnectionTrait>(
         .filter(|&&i| outcomes[i] == IngestOutcome::Accepted)
         .map(|&i| {
             let e = events[i];
-            (e.event_id.as_str(), e.event_type.as_str(), e.contact_id.as_str(), &e.payload)
+            (
+                e.event_id.as_str(),
+                e.event_type.as_str(),
+                e.contact_id.as_str(),
+                &e.payload,
+            )
         })
         .collect();
     insert_outbox_rows(conn, kafka, &new_rows).await?;
@@ -135,8 +148,11 @@ pub async fn insert_outbox_rows<C: ConnectionTrait>(
     }
     conn.execute(&insert).await?;
     if conn.get_database_backend() == DatabaseBackend::Postgres {
-        conn.execute_raw(Statement::from_string(DatabaseBackend::Postgres, format!("NOTIFY {NOTIFY_CHANNEL}")))
-            .await?;
+        conn.execute_raw(Statement::from_string(
+            DatabaseBackend::Postgres,
+            format!("NOTIFY {NOTIFY_CHANNEL}"),
+        ))
+        .await?;
     }
     Ok(())
 }
@@ -206,7 +222,10 @@ impl IngestWriter {
     /// Stores one event; resolves after the commit that holds it.
     pub async fn ingest(&self, event: ContactEvent) -> Result<IngestOutcome, IngestError> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send((event, reply)).await.map_err(|_| IngestError::ShuttingDown)?;
+        self.queue
+            .send((event, reply))
+            .await
+            .map_err(|_| IngestError::ShuttingDown)?;
         answer.await.unwrap_or(Err(IngestError::ShuttingDown))
     }
 }
@@ -226,7 +245,12 @@ impl WriterTask {
             // Waits for the first request, then takes whatever else is already queued: no
             // artificial delay, and batches grow exactly when the database is the bottleneck.
             // Ends once every `IngestWriter` handle is gone and the queue is empty.
-            let received = self.receiver.lock().await.recv_many(&mut batch, self.batch_max).await;
+            let received = self
+                .receiver
+                .lock()
+                .await
+                .recv_many(&mut batch, self.batch_max)
+                .await;
             if received == 0 {
                 return;
             }
@@ -244,7 +268,8 @@ impl WriterTask {
                 if outcomes.contains(&IngestOutcome::Accepted) {
                     self.wakeup.notify_local();
                 }
-                metrics::histogram!("ingest_commit_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("ingest_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }

@@ -2,11 +2,11 @@
 //! must not see it first. Documented in the spec as the contact event schema.
 use futures::TryStreamExt;
 use poem::{Request, RequestBody};
-use poem_openapi::payload::{ParsePayload, Payload};
 use poem_openapi::error::ContentTypeError;
+use poem_openapi::payload::{ParsePayload, Payload};
 use poem_openapi::registry::{MetaMediaType, MetaRequest, MetaSchemaRef, Registry};
-use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 use poem_openapi::types::Type;
+use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
 
 use crate::error::BodyTooLarge;
 use crate::schema::ContactEventSchema;
@@ -57,7 +57,10 @@ impl<'a> ApiExtractor<'a> for RawJsonBody {
     fn request_meta() -> Option<MetaRequest> {
         Some(MetaRequest {
             description: None,
-            content: vec![MetaMediaType { content_type: Self::CONTENT_TYPE, schema: Self::schema_ref() }],
+            content: vec![MetaMediaType {
+                content_type: Self::CONTENT_TYPE,
+                schema: Self::schema_ref(),
+            }],
             required: true,
         })
     }
@@ -71,9 +74,10 @@ impl<'a> ApiExtractor<'a> for RawJsonBody {
             Some(content_type) if Self::check_content_type(content_type) => {
                 <Self as ParsePayload>::from_request(request, body).await
             }
-            Some(content_type) => {
-                Err(ContentTypeError::NotSupported { content_type: content_type.to_owned() }.into())
+            Some(content_type) => Err(ContentTypeError::NotSupported {
+                content_type: content_type.to_owned(),
             }
+            .into()),
             None => Err(ContentTypeError::ExpectContentType.into()),
         }
     }
@@ -81,7 +85,11 @@ impl<'a> ApiExtractor<'a> for RawJsonBody {
 
 /// Reads at most `limit` bytes: a declared length over the limit is refused before reading,
 /// and a chunked body is cut off as soon as it passes the limit.
-async fn read_limited(request: &Request, body: &mut RequestBody, limit: usize) -> poem::Result<Vec<u8>> {
+async fn read_limited(
+    request: &Request,
+    body: &mut RequestBody,
+    limit: usize,
+) -> poem::Result<Vec<u8>> {
     let declared = request
         .headers()
         .get(poem::http::header::CONTENT_LENGTH)

@@ -55,7 +55,9 @@ pub struct ContactDataSchema {
 }
 
 fn at(rfc3339: &str) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339(rfc3339).map(|t| t.with_timezone(&Utc)).unwrap_or_default()
+    DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_default()
 }
 
 impl Example for ContactEventSchema {

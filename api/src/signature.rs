@@ -26,14 +26,19 @@ impl SignatureVerifier {
     pub fn new<S: AsRef<[u8]>>(secrets: impl IntoIterator<Item = S>) -> Self {
         let keys = secrets
             .into_iter()
-            .map(|s| HmacSha256::new_from_slice(s.as_ref()).expect("HMAC accepts keys of any length"))
+            .map(|s| {
+                HmacSha256::new_from_slice(s.as_ref()).expect("HMAC accepts keys of any length")
+            })
             .collect();
         Self { keys }
     }
 
     /// Verifies `header` over the exact `body` bytes, in constant time per secret.
     pub fn verify(&self, header: Option<&str>, body: &[u8]) -> Result<(), SignatureError> {
-        let header = header.map(str::trim).filter(|h| !h.is_empty()).ok_or(SignatureError::Missing)?;
+        let header = header
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .ok_or(SignatureError::Missing)?;
         let digest = parse_signature(header).ok_or(SignatureError::Malformed)?;
         // Every key is tried, so timing does not tell which one (if any) matched.
         let matched = self.keys.iter().fold(false, |matched, key| {
@@ -41,7 +46,11 @@ impl SignatureVerifier {
             mac.update(body);
             mac.verify_slice(&digest).is_ok() | matched
         });
-        if matched { Ok(()) } else { Err(SignatureError::Mismatch) }
+        if matched {
+            Ok(())
+        } else {
+            Err(SignatureError::Mismatch)
+        }
     }
 }
 
@@ -75,25 +84,43 @@ mod tests {
 
     #[test]
     fn github_published_vector() {
-        assert_eq!(sign(GITHUB_SECRET.as_bytes(), GITHUB_BODY.as_bytes()), GITHUB_HEX);
+        assert_eq!(
+            sign(GITHUB_SECRET.as_bytes(), GITHUB_BODY.as_bytes()),
+            GITHUB_HEX
+        );
         let verifier = SignatureVerifier::new([GITHUB_SECRET]);
         let body = GITHUB_BODY.as_bytes();
-        assert_eq!(verifier.verify(Some(&format!("sha256={GITHUB_HEX}")), body), Ok(()));
+        assert_eq!(
+            verifier.verify(Some(&format!("sha256={GITHUB_HEX}")), body),
+            Ok(())
+        );
         assert_eq!(verifier.verify(Some(GITHUB_HEX), body), Ok(()));
-        assert_eq!(verifier.verify(Some(&GITHUB_HEX.to_uppercase()), body), Ok(()));
-        assert_eq!(verifier.verify(Some(&format!("SHA256={GITHUB_HEX}")), body), Ok(()));
+        assert_eq!(
+            verifier.verify(Some(&GITHUB_HEX.to_uppercase()), body),
+            Ok(())
+        );
+        assert_eq!(
+            verifier.verify(Some(&format!("SHA256={GITHUB_HEX}")), body),
+            Ok(())
+        );
     }
 
     #[test]
     fn stripe_node_vectors() {
         // stripe-node test/crypto/helpers.ts, key `test_secret`.
         let cases = [
-            ("", "f7f9bd47fb987337b5796fdc1fdb9ba221d0d5396814bfcaf9521f43fd8927fd"),
+            (
+                "",
+                "f7f9bd47fb987337b5796fdc1fdb9ba221d0d5396814bfcaf9521f43fd8927fd",
+            ),
             (
                 r#"{"obj1":"hello","obj2":"world"}"#,
                 "bebb1a643997f419b315ddba19e6f5411e1ce7f810ba6d3617ce72823092f363",
             ),
-            ("😀", "837da296d05c4fe31f61d5d7ead035099d9585a5bcde87de952012a78f0b0c43"),
+            (
+                "😀",
+                "837da296d05c4fe31f61d5d7ead035099d9585a5bcde87de952012a78f0b0c43",
+            ),
         ];
         let verifier = SignatureVerifier::new(["test_secret"]);
         for (body, expected) in cases {
@@ -106,7 +133,10 @@ mod tests {
     fn the_raw_bytes_are_signed_not_a_reserialisation() {
         let verifier = SignatureVerifier::new(["k"]);
         let signature = sign(b"k", br#"{"id":"evt_1"}"#);
-        assert_eq!(verifier.verify(Some(&signature), br#"{"id":"evt_1"}"#), Ok(()));
+        assert_eq!(
+            verifier.verify(Some(&signature), br#"{"id":"evt_1"}"#),
+            Ok(())
+        );
         assert_eq!(
             verifier.verify(Some(&signature), br#"{"id": "evt_1"}"#),
             Err(SignatureError::Mismatch)
@@ -122,16 +152,33 @@ mod tests {
         let verifier = SignatureVerifier::new(["old", "new"]);
         assert_eq!(verifier.verify(Some(&sign(b"old", b"x")), b"x"), Ok(()));
         assert_eq!(verifier.verify(Some(&sign(b"new", b"x")), b"x"), Ok(()));
-        assert_eq!(verifier.verify(Some(&sign(b"gone", b"x")), b"x"), Err(SignatureError::Mismatch));
+        assert_eq!(
+            verifier.verify(Some(&sign(b"gone", b"x")), b"x"),
+            Err(SignatureError::Mismatch)
+        );
     }
 
     #[test]
     fn missing_and_malformed_headers() {
         let verifier = SignatureVerifier::new(["k"]);
         assert_eq!(verifier.verify(None, b"x"), Err(SignatureError::Missing));
-        assert_eq!(verifier.verify(Some("  "), b"x"), Err(SignatureError::Missing));
-        for bad in ["zz", "sha1=abcd", "sha256=", &"a".repeat(63), &"a".repeat(66), "v1,abc"] {
-            assert_eq!(verifier.verify(Some(bad), b"x"), Err(SignatureError::Malformed), "{bad}");
+        assert_eq!(
+            verifier.verify(Some("  "), b"x"),
+            Err(SignatureError::Missing)
+        );
+        for bad in [
+            "zz",
+            "sha1=abcd",
+            "sha256=",
+            &"a".repeat(63),
+            &"a".repeat(66),
+            "v1,abc",
+        ] {
+            assert_eq!(
+                verifier.verify(Some(bad), b"x"),
+                Err(SignatureError::Malformed),
+                "{bad}"
+            );
         }
     }
 }

@@ -26,7 +26,9 @@ pub fn parse_timestamp(value: &str) -> Option<DateTime<Utc>> {
             DateTime::from_timestamp(n, 0)
         };
     }
-    DateTime::parse_from_rfc3339(value).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(value)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }
 
 /// Checks that `header` is present, parses, and lies within `tolerance_secs` of `now`.
@@ -35,7 +37,9 @@ pub fn check_freshness(
     now: DateTime<Utc>,
     tolerance_secs: u64,
 ) -> Result<DateTime<Utc>, TimestampError> {
-    let header = header.filter(|h| !h.trim().is_empty()).ok_or(TimestampError::Missing)?;
+    let header = header
+        .filter(|h| !h.trim().is_empty())
+        .ok_or(TimestampError::Missing)?;
     let sent_at = parse_timestamp(header).ok_or(TimestampError::Unparseable)?;
     let skew = (now - sent_at).num_milliseconds().unsigned_abs();
     if skew > tolerance_secs.saturating_mul(1000) {
@@ -49,7 +53,9 @@ mod tests {
     use super::*;
 
     fn now() -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339("2025-05-19T00:00:00Z").expect("valid").with_timezone(&Utc)
+        DateTime::parse_from_rfc3339("2025-05-19T00:00:00Z")
+            .expect("valid")
+            .with_timezone(&Utc)
     }
 
     #[test]
@@ -64,7 +70,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "abc", "-5", "2025-05-19", "1747612800.5", "2025-13-40T00:00:00Z"] {
+        for bad in [
+            "",
+            "abc",
+            "-5",
+            "2025-05-19",
+            "1747612800.5",
+            "2025-13-40T00:00:00Z",
+        ] {
             assert_eq!(parse_timestamp(bad), None, "{bad}");
         }
     }
@@ -74,9 +87,21 @@ mod tests {
         let at = |secs: i64| (now().timestamp() + secs).to_string();
         assert!(check_freshness(Some(&at(-300)), now(), 300).is_ok());
         assert!(check_freshness(Some(&at(300)), now(), 300).is_ok());
-        assert_eq!(check_freshness(Some(&at(-301)), now(), 300), Err(TimestampError::OutOfWindow));
-        assert_eq!(check_freshness(Some(&at(301)), now(), 300), Err(TimestampError::OutOfWindow));
-        assert_eq!(check_freshness(None, now(), 300), Err(TimestampError::Missing));
-        assert_eq!(check_freshness(Some("soon"), now(), 300), Err(TimestampError::Unparseable));
+        assert_eq!(
+            check_freshness(Some(&at(-301)), now(), 300),
+            Err(TimestampError::OutOfWindow)
+        );
+        assert_eq!(
+            check_freshness(Some(&at(301)), now(), 300),
+            Err(TimestampError::OutOfWindow)
+        );
+        assert_eq!(
+            check_freshness(None, now(), 300),
+            Err(TimestampError::Missing)
+        );
+        assert_eq!(
+            check_freshness(Some("soon"), now(), 300),
+            Err(TimestampError::Unparseable)
+        );
     }
 }

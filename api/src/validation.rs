@@ -39,7 +39,10 @@ pub fn validate_event(body: &[u8]) -> Result<ContactEvent, ValidationError> {
     let payload: Value =
         serde_json::from_slice(body).map_err(|e| ValidationError::Json(e.to_string()))?;
     let Some(root) = payload.as_object() else {
-        return Err(ValidationError::Fields(vec![error("$", "must be a JSON object")]));
+        return Err(ValidationError::Fields(vec![error(
+            "$",
+            "must be a JSON object",
+        )]));
     };
     let mut errors = Vec::new();
 
@@ -78,7 +81,13 @@ pub fn validate_event(body: &[u8]) -> Result<ContactEvent, ValidationError> {
         (Some(event_type), Some(event_id), Some(timestamp), Some(contact_id))
             if errors.is_empty() =>
         {
-            Ok(ContactEvent { event_id, event_type, timestamp, contact_id, payload })
+            Ok(ContactEvent {
+                event_id,
+                event_type,
+                timestamp,
+                contact_id,
+                payload,
+            })
         }
         _ => Err(ValidationError::Fields(errors)),
     }
@@ -108,20 +117,23 @@ fn validate_data(
             }
         }
         // A deletion needs only the id; a timestamp, when sent, must still be readable.
-        Some(EventType::Deleted) => {
+        Some(EventType::Deleted)
             if data.get("updatedAt").is_some_and(|v| !v.is_null())
-                && rfc3339_field(&Value::Object(data.clone()), "updatedAt").is_none()
-            {
-                errors.push(error("data.updatedAt", "must be an RFC 3339 date-time"));
-            }
+                && rfc3339_field(&Value::Object(data.clone()), "updatedAt").is_none() =>
+        {
+            errors.push(error("data.updatedAt", "must be an RFC 3339 date-time"));
         }
+        Some(EventType::Deleted) => {}
         None => {}
     }
     contact_id
 }
 
 fn error(field: &str, message: &str) -> FieldError {
-    FieldError { field: field.to_owned(), message: message.to_owned() }
+    FieldError {
+        field: field.to_owned(),
+        message: message.to_owned(),
+    }
 }
 
 fn required_string<'a>(
@@ -132,7 +144,9 @@ fn required_string<'a>(
 ) -> Option<&'a str> {
     match object.get(key) {
         None | Some(Value::Null) => errors.push(error(path, "is required")),
-        Some(Value::String(s)) if s.trim().is_empty() => errors.push(error(path, "must not be empty")),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            errors.push(error(path, "must not be empty"))
+        }
         Some(Value::String(s)) => return Some(s),
         Some(_) => errors.push(error(path, "must be a string")),
     }
@@ -143,7 +157,10 @@ fn optional_string(object: &Map<String, Value>, key: &str, errors: &mut Vec<Fiel
     if let Some(value) = object.get(key)
         && !(value.is_string() || value.is_null())
     {
-        errors.push(FieldError { field: format!("data.{key}"), message: "must be a string".into() });
+        errors.push(FieldError {
+            field: format!("data.{key}"),
+            message: "must be a string".into(),
+        });
     }
 }
 
@@ -182,7 +199,9 @@ fn is_valid_email(email: &str) -> bool {
     if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return false;
     }
-    let Some((local, domain)) = email.split_once('@') else { return false };
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
     !local.is_empty()
         && local.len() <= 64
         && !domain.contains('@')
@@ -253,8 +272,19 @@ mod tests {
         body["data"]["email"] = json!("not-an-email");
         body["data"]["updatedAt"] = json!(42);
         body["data"]["phone"] = json!(5559876543_u64);
-        body["data"].as_object_mut().expect("object").remove("firstName");
-        assert_eq!(fields(&body), ["data.email", "data.firstName", "data.updatedAt", "data.phone"]);
+        body["data"]
+            .as_object_mut()
+            .expect("object")
+            .remove("firstName");
+        assert_eq!(
+            fields(&body),
+            [
+                "data.email",
+                "data.firstName",
+                "data.updatedAt",
+                "data.phone"
+            ]
+        );
     }
 
     #[test]
@@ -284,7 +314,10 @@ mod tests {
 
     #[test]
     fn invalid_json_is_reported_as_such() {
-        assert!(matches!(validate_event(b"{\"event\":"), Err(ValidationError::Json(_))));
+        assert!(matches!(
+            validate_event(b"{\"event\":"),
+            Err(ValidationError::Json(_))
+        ));
         assert!(matches!(validate_event(b""), Err(ValidationError::Json(_))));
     }
 
@@ -297,10 +330,24 @@ mod tests {
 
     #[test]
     fn email_check() {
-        for good in ["a@b.co", "john.smith+tag@example.com", "x@sub-domain.example.org"] {
+        for good in [
+            "a@b.co",
+            "john.smith+tag@example.com",
+            "x@sub-domain.example.org",
+        ] {
             assert!(is_valid_email(good), "{good}");
         }
-        for bad in ["", "a", "@b.co", "a@", "a@b", "a b@c.com", "a@b..com", "a@-b.com", "a@b@c.com"] {
+        for bad in [
+            "",
+            "a",
+            "@b.co",
+            "a@",
+            "a@b",
+            "a b@c.com",
+            "a@b..com",
+            "a@-b.com",
+            "a@b@c.com",
+        ] {
             assert!(!is_valid_email(bad), "{bad}");
         }
     }

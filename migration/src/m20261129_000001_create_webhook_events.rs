@@ -34,17 +34,38 @@ impl MigrationTrait for Migration {
                             .auto_increment()
                             .primary_key(),
                     )
-                    .col(ColumnDef::new(WebhookEvents::EventId).string_len(255).not_null())
-                    .col(ColumnDef::new(WebhookEvents::EventType).string_len(64).not_null())
-                    .col(ColumnDef::new(WebhookEvents::ContactId).string_len(255).not_null())
-                    .col(ColumnDef::new(WebhookEvents::Payload).json_binary().not_null())
+                    .col(
+                        ColumnDef::new(WebhookEvents::EventId)
+                            .string_len(255)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WebhookEvents::EventType)
+                            .string_len(64)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WebhookEvents::ContactId)
+                            .string_len(255)
+                            .not_null(),
+                    )
+                    .col(
+                        ColumnDef::new(WebhookEvents::Payload)
+                            .json_binary()
+                            .not_null(),
+                    )
                     .col(
                         ColumnDef::new(WebhookEvents::Status)
                             .string_len(16)
                             .not_null()
                             .default("pending"),
                     )
-                    .col(ColumnDef::new(WebhookEvents::Attempts).integer().not_null().default(0))
+                    .col(
+                        ColumnDef::new(WebhookEvents::Attempts)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
                     .col(ColumnDef::new(WebhookEvents::Error).text().null())
                     .col(
                         ColumnDef::new(WebhookEvents::CreatedAt)
@@ -58,7 +79,11 @@ impl MigrationTrait for Migration {
                             .not_null()
                             .default(Expr::current_timestamp()),
                     )
-                    .col(ColumnDef::new(WebhookEvents::ProcessedAt).timestamp_with_time_zone().null())
+                    .col(
+                        ColumnDef::new(WebhookEvents::ProcessedAt)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
                     .to_owned(),
             )
             .await?;

@@ -36,7 +36,11 @@ impl MigrationTrait for Migration {
                     )
                     .col(ColumnDef::new(Outbox::EventId).string_len(255).not_null())
                     .col(ColumnDef::new(Outbox::Topic).string_len(255).not_null())
-                    .col(ColumnDef::new(Outbox::MessageKey).string_len(255).not_null())
+                    .col(
+                        ColumnDef::new(Outbox::MessageKey)
+                            .string_len(255)
+                            .not_null(),
+                    )
                     .col(ColumnDef::new(Outbox::Payload).json_binary().not_null())
                     .col(ColumnDef::new(Outbox::Headers).json_binary().not_null())
                     .col(
@@ -45,8 +49,17 @@ impl MigrationTrait for Migration {
                             .not_null()
                             .default(Expr::current_timestamp()),
                     )
-                    .col(ColumnDef::new(Outbox::PublishedAt).timestamp_with_time_zone().null())
-                    .col(ColumnDef::new(Outbox::Attempts).integer().not_null().default(0))
+                    .col(
+                        ColumnDef::new(Outbox::PublishedAt)
+                            .timestamp_with_time_zone()
+                            .null(),
+                    )
+                    .col(
+                        ColumnDef::new(Outbox::Attempts)
+                            .integer()
+                            .not_null()
+                            .default(0),
+                    )
                     .col(
                         ColumnDef::new(Outbox::NextAttemptAt)
                             .timestamp_with_time_zone()
@@ -79,6 +92,8 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table(Outbox::Table).to_owned()).await
+        manager
+            .drop_table(Table::drop().table(Outbox::Table).to_owned())
+            .await
     }
 }

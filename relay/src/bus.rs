@@ -56,7 +56,11 @@ impl Publisher {
             // A full channel is a failed delivery: the row stays in the outbox and is retried.
             Self::InProcess(sender) => messages
                 .iter()
-                .map(|m| sender.try_send(m.clone()).map_err(|e| format!("in-process bus: {e}")))
+                .map(|m| {
+                    sender
+                        .try_send(m.clone())
+                        .map_err(|e| format!("in-process bus: {e}"))
+                })
                 .collect(),
         }
     }

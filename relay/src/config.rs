@@ -34,7 +34,10 @@ impl KafkaConfig {
 
     /// Every topic the service produces to or consumes from.
     pub fn all_topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = crate::EVENT_TYPES.iter().map(|t| self.topic_for(t)).collect();
+        let mut topics: Vec<String> = crate::EVENT_TYPES
+            .iter()
+            .map(|t| self.topic_for(t))
+            .collect();
         topics.push(self.dlq_topic());
         topics
     }

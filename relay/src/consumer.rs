@@ -59,7 +59,11 @@ pub async fn handle_with_retry(
 }
 
 /// Sleeps the next backoff step; `None` if shutdown came first.
-async fn pause(config: &ConsumerConfig, attempt: &mut u32, shutdown: &CancellationToken) -> Option<()> {
+async fn pause(
+    config: &ConsumerConfig,
+    attempt: &mut u32,
+    shutdown: &CancellationToken,
+) -> Option<()> {
     let delay = backoff(config.backoff_base_ms, config.backoff_max_ms, *attempt);
     *attempt = attempt.saturating_add(1);
     tokio::select! {
@@ -86,7 +90,11 @@ pub async fn run_in_process(
             message = receiver.recv() => match message { Some(m) => m, None => break },
         };
         let span = span_for(&message);
-        if handle_with_retry(&processor, &message, &config, &shutdown).instrument(span).await.is_none() {
+        if handle_with_retry(&processor, &message, &config, &shutdown)
+            .instrument(span)
+            .await
+            .is_none()
+        {
             break;
         }
     }
@@ -110,7 +118,13 @@ impl KafkaEventConsumer {
     ) -> Result<Self, rdkafka::error::KafkaError> {
         let consumer = Arc::new(crate::kafka::event_consumer(&kafka).await?);
         let dead_letters = KafkaPublisher::connect(&kafka).await?;
-        Ok(Self { consumer, processor, dead_letters, kafka, config })
+        Ok(Self {
+            consumer,
+            processor,
+            dead_letters,
+            kafka,
+            config,
+        })
     }
 
     /// Consumes until `shutdown`, then commits what was handled.
@@ -132,9 +146,13 @@ impl KafkaEventConsumer {
             let bus_message = to_bus_message(&message);
             let span = span_for(&bus_message);
             let handled = async {
-                match handle_with_retry(&self.processor, &bus_message, &self.config, &shutdown).await? {
+                match handle_with_retry(&self.processor, &bus_message, &self.config, &shutdown)
+                    .await?
+                {
                     Disposition::Done(_) => Some(()),
-                    Disposition::DeadLetter(error) => self.dead_letter(&bus_message, &error, &shutdown).await,
+                    Disposition::DeadLetter(error) => {
+                        self.dead_letter(&bus_message, &error, &shutdown).await
+                    }
                 }
             }
             .instrument(span)
@@ -147,19 +165,33 @@ impl KafkaEventConsumer {
             }
         }
         let consumer = self.consumer.clone();
-        let _ = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync)).await;
+        let _ =
+            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+                .await;
         tracing::info!("consumer stopped");
     }
 
     /// Publishes the message to the dead-letter topic, retrying until it is delivered.
-    async fn dead_letter(&self, message: &BusMessage, error: &str, shutdown: &CancellationToken) -> Option<()> {
+    async fn dead_letter(
+        &self,
+        message: &BusMessage,
+        error: &str,
+        shutdown: &CancellationToken,
+    ) -> Option<()> {
         let mut dead = message.clone();
         dead.topic = self.kafka.dlq_topic();
-        dead.headers.insert(HEADER_ERROR.to_owned(), error.to_owned());
-        dead.headers.insert("original-topic".to_owned(), message.topic.clone());
+        dead.headers
+            .insert(HEADER_ERROR.to_owned(), error.to_owned());
+        dead.headers
+            .insert("original-topic".to_owned(), message.topic.clone());
         let mut attempt = 0u32;
         loop {
-            match self.dead_letters.publish(std::slice::from_ref(&dead)).await.pop() {
+            match self
+                .dead_letters
+                .publish(std::slice::from_ref(&dead))
+                .await
+                .pop()
+            {
                 Some(Ok(())) => {
                     metrics::counter!("consumer_dead_lettered_total").increment(1);
                     return Some(());
@@ -174,7 +206,9 @@ impl KafkaEventConsumer {
 
     /// Per partition: high watermark minus committed offset (blocking calls, off the runtime).
     pub fn lag_reporter(&self) -> LagReporter {
-        LagReporter { consumer: self.consumer.clone() }
+        LagReporter {
+            consumer: self.consumer.clone(),
+        }
     }
 }
 
@@ -187,17 +221,24 @@ pub struct LagReporter {
 impl LagReporter {
     pub async fn report(&self) {
         let consumer = self.consumer.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<Vec<(String, i32, i64)>, rdkafka::error::KafkaError> {
-            let timeout = Duration::from_secs(2);
-            let committed = consumer.committed(timeout)?;
-            let mut lags = Vec::new();
-            for element in committed.elements() {
-                let (_, high) = consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
-                let position = element.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
-                lags.push((element.topic().to_owned(), element.partition(), (high - position).max(0)));
-            }
-            Ok(lags)
-        })
+        let result = tokio::task::spawn_blocking(
+            move || -> Result<Vec<(String, i32, i64)>, rdkafka::error::KafkaError> {
+                let timeout = Duration::from_secs(2);
+                let committed = consumer.committed(timeout)?;
+                let mut lags = Vec::new();
+                for element in committed.elements() {
+                    let (_, high) =
+                        consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
+                    let position = element.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
+                    lags.push((
+                        element.topic().to_owned(),
+                        element.partition(),
+                        (high - position).max(0),
+                    ));
+                }
+                Ok(lags)
+            },
+        )
         .await;
         match result {
             Ok(Ok(lags)) => {
@@ -222,7 +263,11 @@ fn to_bus_message(message: &BorrowedMessage<'_>) -> BusMessage {
     }
     BusMessage {
         topic: message.topic().to_owned(),
-        key: message.key().and_then(|k| std::str::from_utf8(k).ok()).unwrap_or_default().to_owned(),
+        key: message
+            .key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .unwrap_or_default()
+            .to_owned(),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         headers,
     }

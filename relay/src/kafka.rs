@@ -18,7 +18,10 @@ use crate::config::KafkaConfig;
 /// Base settings shared by every client: brokers, then the pass-through properties.
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", config.brokers.as_deref().unwrap_or_default());
+    client.set(
+        "bootstrap.servers",
+        config.brokers.as_deref().unwrap_or_default(),
+    );
     for (key, value) in &config.properties {
         // Environment keys cannot hold dots: `SASL_MECHANISMS` stands for `sasl.mechanisms`.
         client.set(key.replace('_', "."), value);
@@ -27,7 +30,9 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("blocking Kafka call panicked")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking Kafka call panicked")
 }
 
 /// Creates the event topics and the dead-letter topic when they are missing.
@@ -37,7 +42,13 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
     let topics = config.all_topics();
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication_factor)))
+        .map(|t| {
+            NewTopic::new(
+                t,
+                config.partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new_topics, &options).await? {
@@ -59,7 +70,9 @@ pub async fn check_broker(config: &KafkaConfig, timeout: Duration) -> Result<(),
     let client_config = client_config(config);
     blocking(move || {
         let consumer: rdkafka::consumer::BaseConsumer = client_config.create()?;
-        consumer.fetch_metadata(None, Timeout::After(timeout)).map(|_| ())
+        consumer
+            .fetch_metadata(None, Timeout::After(timeout))
+            .map(|_| ())
     })
     .await
 }
@@ -79,7 +92,9 @@ impl KafkaPublisher {
             .set("message.timeout.ms", config.message_timeout_ms.to_string())
             .set("linger.ms", "2");
         let producer: FutureProducer = blocking(move || client_config.create()).await?;
-        Ok(Self { producer: Arc::new(producer) })
+        Ok(Self {
+            producer: Arc::new(producer),
+        })
     }
 
     /// Sends every message and waits for every delivery report.
@@ -87,7 +102,10 @@ impl KafkaPublisher {
         let deliveries = messages.iter().map(|message| {
             let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
             for (name, value) in &message.headers {
-                headers = headers.insert(Header { key: name, value: Some(value) });
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
             }
             let record = FutureRecord::to(&message.topic)
                 .key(&message.key)
@@ -121,8 +139,10 @@ pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, Kafk
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
-    let topics: Vec<String> =
-        crate::EVENT_TYPES.iter().map(|t| config.topic_for(t)).collect();
+    let topics: Vec<String> = crate::EVENT_TYPES
+        .iter()
+        .map(|t| config.topic_for(t))
+        .collect();
     blocking(move || {
         let consumer: StreamConsumer = client_config.create()?;
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -33,7 +33,11 @@ pub struct OutboxRelay {
 
 impl OutboxRelay {
     pub fn new(db: DatabaseConnection, publisher: Publisher, config: RelayConfig) -> Self {
-        Self { db, publisher, config }
+        Self {
+            db,
+            publisher,
+            config,
+        }
     }
 
     /// One batch: claim, publish, record the outcome, commit.
@@ -76,7 +80,10 @@ impl OutboxRelay {
                     tracing::warn!(event_id = %row.event_id, %error, attempts = row.attempts + 1,
                         retry_in_ms = delay.as_millis() as u64, "publish failed");
                     outbox::Entity::update_many()
-                        .col_expr(outbox::Column::Attempts, Expr::col(outbox::Column::Attempts).add(1))
+                        .col_expr(
+                            outbox::Column::Attempts,
+                            Expr::col(outbox::Column::Attempts).add(1),
+                        )
                         .col_expr(outbox::Column::LastError, Expr::value(error))
                         .col_expr(
                             outbox::Column::NextAttemptAt,
@@ -92,7 +99,10 @@ impl OutboxRelay {
         if !delivered.is_empty() {
             outbox::Entity::update_many()
                 .col_expr(outbox::Column::PublishedAt, Expr::value(Utc::now()))
-                .col_expr(outbox::Column::Attempts, Expr::col(outbox::Column::Attempts).add(1))
+                .col_expr(
+                    outbox::Column::Attempts,
+                    Expr::col(outbox::Column::Attempts).add(1),
+                )
                 .filter(outbox::Column::Id.is_in(delivered))
                 .exec(&txn)
                 .await?;
@@ -100,7 +110,11 @@ impl OutboxRelay {
         txn.commit().await?;
         metrics::counter!("relay_published_total").increment(step.published as u64);
         metrics::counter!("relay_failed_total").increment(step.failed as u64);
-        tracing::debug!(published = step.published, failed = step.failed, "relay batch");
+        tracing::debug!(
+            published = step.published,
+            failed = step.failed,
+            "relay batch"
+        );
         Ok(step)
     }
 
@@ -118,7 +132,11 @@ impl OutboxRelay {
                 Err(error) => {
                     failures += 1;
                     tracing::error!(%error, "relay step failed");
-                    let delay = backoff(self.config.backoff_base_ms, self.config.backoff_max_ms, failures);
+                    let delay = backoff(
+                        self.config.backoff_base_ms,
+                        self.config.backoff_max_ms,
+                        failures,
+                    );
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(delay) => {}
@@ -150,7 +168,10 @@ pub async fn requeue_pending_in_process(db: &DatabaseConnection) -> Result<u64, 
         .filter(webhook_event::Column::Status.eq(webhook_event::STATUS_PENDING))
         .into_query();
     let result = outbox::Entity::update_many()
-        .col_expr(outbox::Column::PublishedAt, Expr::value(Option::<chrono::DateTime<Utc>>::None))
+        .col_expr(
+            outbox::Column::PublishedAt,
+            Expr::value(Option::<chrono::DateTime<Utc>>::None),
+        )
         .filter(outbox::Column::PublishedAt.is_not_null())
         .filter(outbox::Column::EventId.in_subquery(pending))
         .exec(db)

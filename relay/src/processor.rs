@@ -48,7 +48,8 @@ impl EventProcessor {
     pub async fn handle(&self, message: &BusMessage) -> Result<Handled, ProcessError> {
         let payload: Value = serde_json::from_slice(&message.payload)
             .map_err(|e| ProcessError::Permanent(format!("payload is not JSON: {e}")))?;
-        let change = ContactChange::from_payload(&payload).map_err(|e| ProcessError::Permanent(e.0));
+        let change =
+            ContactChange::from_payload(&payload).map_err(|e| ProcessError::Permanent(e.0));
         let event_id = match &change {
             Ok(change) => change.event_id.clone(),
             Err(_) => message
@@ -59,12 +60,15 @@ impl EventProcessor {
         };
 
         let txn = self.db.begin().await?;
-        let mut find = webhook_event::Entity::find().filter(webhook_event::Column::EventId.eq(&event_id));
+        let mut find =
+            webhook_event::Entity::find().filter(webhook_event::Column::EventId.eq(&event_id));
         if self.db.get_database_backend() == DatabaseBackend::Postgres {
             find = find.lock_exclusive();
         }
         let Some(event) = find.one(&txn).await? else {
-            return Err(ProcessError::Permanent(format!("unknown event id {event_id}")));
+            return Err(ProcessError::Permanent(format!(
+                "unknown event id {event_id}"
+            )));
         };
         if event.status != STATUS_PENDING {
             txn.commit().await?;
@@ -77,8 +81,14 @@ impl EventProcessor {
             .col_expr(webhook_event::Column::Status, Expr::value(STATUS_PROCESSED))
             .col_expr(webhook_event::Column::ProcessedAt, Expr::value(now))
             .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
-            .col_expr(webhook_event::Column::Error, Expr::value(Option::<String>::None))
-            .col_expr(webhook_event::Column::Attempts, Expr::col(webhook_event::Column::Attempts).add(1))
+            .col_expr(
+                webhook_event::Column::Error,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                webhook_event::Column::Attempts,
+                Expr::col(webhook_event::Column::Attempts).add(1),
+            )
             .filter(webhook_event::Column::Id.eq(event.id))
             .exec(&txn)
             .await?;
@@ -88,13 +98,18 @@ impl EventProcessor {
 
     /// Records a permanent failure on the event (when we know it).
     pub async fn mark_failed(&self, message: &BusMessage, error: &str) -> Result<(), DbErr> {
-        let Some(event_id) = message.header(HEADER_EVENT_ID) else { return Ok(()) };
+        let Some(event_id) = message.header(HEADER_EVENT_ID) else {
+            return Ok(());
+        };
         let now = Utc::now();
         webhook_event::Entity::update_many()
             .col_expr(webhook_event::Column::Status, Expr::value(STATUS_FAILED))
             .col_expr(webhook_event::Column::Error, Expr::value(error))
             .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
-            .col_expr(webhook_event::Column::Attempts, Expr::col(webhook_event::Column::Attempts).add(1))
+            .col_expr(
+                webhook_event::Column::Attempts,
+                Expr::col(webhook_event::Column::Attempts).add(1),
+            )
             .filter(webhook_event::Column::EventId.eq(event_id))
             .filter(webhook_event::Column::Status.eq(STATUS_PENDING))
             .exec(&self.db)

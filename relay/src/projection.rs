@@ -30,14 +30,21 @@ impl ContactChange {
     /// Reads a stored event payload.
     pub fn from_payload(payload: &Value) -> Result<Self, Unappliable> {
         let bad = |what: &str| Unappliable(format!("event payload: {what}"));
-        let event_id = payload.get("id").and_then(Value::as_str).ok_or_else(|| bad("`id` is missing"))?;
+        let event_id = payload
+            .get("id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("`id` is missing"))?;
         let event_type = payload
             .get("event")
             .and_then(Value::as_str)
             .and_then(EventType::parse)
             .ok_or_else(|| bad("`event` is not a contact event type"))?;
-        let timestamp = rfc3339_field(payload, "timestamp").ok_or_else(|| bad("`timestamp` is not RFC 3339"))?;
-        let data = payload.get("data").filter(|d| d.is_object()).ok_or_else(|| bad("`data` is not an object"))?;
+        let timestamp = rfc3339_field(payload, "timestamp")
+            .ok_or_else(|| bad("`timestamp` is not RFC 3339"))?;
+        let data = payload
+            .get("data")
+            .filter(|d| d.is_object())
+            .ok_or_else(|| bad("`data` is not an object"))?;
         let contact_id = data
             .get("id")
             .and_then(Value::as_str)
@@ -45,7 +52,10 @@ impl ContactChange {
             .ok_or_else(|| bad("`data.id` is missing"))?;
         let updated_at = match data.get("updatedAt") {
             None | Some(Value::Null) => None,
-            Some(_) => Some(rfc3339_field(data, "updatedAt").ok_or_else(|| bad("`data.updatedAt` is not RFC 3339"))?),
+            Some(_) => Some(
+                rfc3339_field(data, "updatedAt")
+                    .ok_or_else(|| bad("`data.updatedAt` is not RFC 3339"))?,
+            ),
         };
         if event_type != EventType::Deleted && updated_at.is_none() {
             return Err(bad("`data.updatedAt` is required for created/updated"));
@@ -67,7 +77,10 @@ impl ContactChange {
 }
 
 fn stored_version(c: &contact::Model) -> (DateTime<Utc>, DateTime<Utc>) {
-    (c.source_updated_at.unwrap_or(c.event_timestamp), c.event_timestamp)
+    (
+        c.source_updated_at.unwrap_or(c.event_timestamp),
+        c.event_timestamp,
+    )
 }
 
 /// What applying an event did to `contacts`.
@@ -87,12 +100,19 @@ pub async fn apply<C: ConnectionTrait>(conn: &C, change: &ContactChange) -> Resu
     }
     let existing = find.one(conn).await?;
     if let Some(current) = &existing {
-        let newer = change.event_type == EventType::Deleted || change.version() > stored_version(current);
+        let newer =
+            change.event_type == EventType::Deleted || change.version() > stored_version(current);
         if current.deleted || !newer {
             return Ok(Applied::Stale);
         }
     }
-    let text = |field: &str| change.data.get(field).and_then(Value::as_str).map(str::to_owned);
+    let text = |field: &str| {
+        change
+            .data
+            .get(field)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let deleted = change.event_type == EventType::Deleted;
     let mut model = contact::ActiveModel {
         id: Set(change.contact_id.clone()),
@@ -106,7 +126,9 @@ pub async fn apply<C: ConnectionTrait>(conn: &C, change: &ContactChange) -> Resu
     };
     if deleted {
         // Keep what we knew of the contact; only mark it gone.
-        model.source_updated_at = Set(change.updated_at.or(existing.as_ref().and_then(|c| c.source_updated_at)));
+        model.source_updated_at = Set(change
+            .updated_at
+            .or(existing.as_ref().and_then(|c| c.source_updated_at)));
     } else {
         model.email = Set(text("email"));
         model.first_name = Set(text("firstName"));
@@ -125,7 +147,9 @@ pub async fn apply<C: ConnectionTrait>(conn: &C, change: &ContactChange) -> Resu
             contact::Entity::update(model).exec(conn).await?;
         }
         None => {
-            contact::Entity::insert(model).exec_without_returning(conn).await?;
+            contact::Entity::insert(model)
+                .exec_without_returning(conn)
+                .await?;
         }
     }
     Ok(Applied::Changed)

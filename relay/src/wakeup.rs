@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::{DatabaseBackend, DatabaseConnection};
 use sea_orm::sqlx::postgres::PgListener;
+use sea_orm::{DatabaseBackend, DatabaseConnection};
 use tokio::sync::Notify;
 
 /// Postgres channel the ingest transaction notifies on commit.
@@ -36,7 +36,10 @@ impl OutboxWakeup {
         } else {
             None
         };
-        Waiter { local: self.local.clone(), listener }
+        Waiter {
+            local: self.local.clone(),
+            listener,
+        }
     }
 }
 

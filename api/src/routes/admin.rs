@@ -15,8 +15,8 @@ use poem_openapi::{Enum, Object, OpenApi, SecurityScheme};
 use relay::config::KafkaConfig;
 use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
-    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait,
-    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
+    QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -34,14 +34,18 @@ pub struct AdminApi;
 pub struct AdminToken(());
 
 async fn check_admin_token(request: &Request, bearer: Bearer) -> poem::Result<()> {
-    let state = request.data::<Arc<AppState>>().ok_or_else(|| poem::Error::from_status(poem::http::StatusCode::NOT_FOUND))?;
+    let state = request
+        .data::<Arc<AppState>>()
+        .ok_or_else(|| poem::Error::from_status(poem::http::StatusCode::NOT_FOUND))?;
     let Some(expected) = &state.config.admin.token else {
         return Err(poem::Error::from_status(poem::http::StatusCode::NOT_FOUND));
     };
     if bool::from(bearer.token.as_bytes().ct_eq(expected.expose().as_bytes())) {
         Ok(())
     } else {
-        Err(poem::Error::from_status(poem::http::StatusCode::UNAUTHORIZED))
+        Err(poem::Error::from_status(
+            poem::http::StatusCode::UNAUTHORIZED,
+        ))
     }
 }
 
@@ -187,7 +191,11 @@ impl AdminApi {
     ///
     /// Newest first, with keyset pagination: pass `nextCursor` back as `cursor`. Pages stay
     /// consistent while new events arrive.
-    #[oai(path = "/api/admin/events", method = "get", operation_id = "adminListEvents")]
+    #[oai(
+        path = "/api/admin/events",
+        method = "get",
+        operation_id = "adminListEvents"
+    )]
     #[allow(clippy::too_many_arguments)]
     async fn list_events(
         &self,
@@ -208,7 +216,9 @@ impl AdminApi {
         cursor: Query<Option<String>>,
     ) -> ApiResult<Json<EventPage>> {
         let limit = limit.0.unwrap_or(50).clamp(1, MAX_PAGE);
-        let mut query = webhook_event::Entity::find().order_by_desc(webhook_event::Column::Id).limit(limit + 1);
+        let mut query = webhook_event::Entity::find()
+            .order_by_desc(webhook_event::Column::Id)
+            .limit(limit + 1);
         if let Some(status) = status.0 {
             query = query.filter(webhook_event::Column::Status.eq(status.as_str()));
         }
@@ -222,9 +232,13 @@ impl AdminApi {
             query = query.filter(webhook_event::Column::CreatedAt.lt(until));
         }
         if let Some(cursor) = cursor.0 {
-            let before: i64 = cursor
-                .parse()
-                .map_err(|_| ApiError::bad_request("cursor_invalid", "`cursor` is not a cursor from this API", vec![]))?;
+            let before: i64 = cursor.parse().map_err(|_| {
+                ApiError::bad_request(
+                    "cursor_invalid",
+                    "`cursor` is not a cursor from this API",
+                    vec![],
+                )
+            })?;
             query = query.filter(webhook_event::Column::Id.lt(before));
         }
         let mut rows = query.all(&state.db).await.map_err(db_error)?;
@@ -234,11 +248,18 @@ impl AdminApi {
         } else {
             None
         };
-        Ok(Json(EventPage { events: rows.into_iter().map(EventView::from).collect(), next_cursor }))
+        Ok(Json(EventPage {
+            events: rows.into_iter().map(EventView::from).collect(),
+            next_cursor,
+        }))
     }
 
     /// Get one event with its payload and outbox state
-    #[oai(path = "/api/admin/events/:event_id", method = "get", operation_id = "adminGetEvent")]
+    #[oai(
+        path = "/api/admin/events/:event_id",
+        method = "get",
+        operation_id = "adminGetEvent"
+    )]
     async fn get_event(
         &self,
         _auth: AdminToken,
@@ -264,7 +285,11 @@ impl AdminApi {
             })
             .collect();
         let payload = event.payload.clone();
-        Ok(Json(EventDetail { event: event.into(), payload, outbox }))
+        Ok(Json(EventDetail {
+            event: event.into(),
+            payload,
+            outbox,
+        }))
     }
 
     /// Retry one failed event
@@ -272,7 +297,11 @@ impl AdminApi {
     /// Puts the event back to `pending` with a new outbox row, in one transaction; the relay and
     /// consumer then process it as usual. Also the way to redrive a dead-lettered message: its
     /// `event-id` header names the event.
-    #[oai(path = "/api/admin/events/:event_id/retry", method = "post", operation_id = "adminRetryEvent")]
+    #[oai(
+        path = "/api/admin/events/:event_id/retry",
+        method = "post",
+        operation_id = "adminRetryEvent"
+    )]
     async fn retry_event(
         &self,
         _auth: AdminToken,
@@ -283,16 +312,25 @@ impl AdminApi {
         if event.status != webhook_event::STATUS_FAILED {
             return Err(ApiError::conflict(
                 "event_not_failed",
-                format!("only failed events can be retried; this one is {}", event.status),
+                format!(
+                    "only failed events can be retried; this one is {}",
+                    event.status
+                ),
             ));
         }
         let filter = webhook_event::Column::EventId.eq(event.event_id.clone());
-        let requeued = requeue_failed(&state.db, &state.config.kafka, filter).await.map_err(db_error)?;
+        let requeued = requeue_failed(&state.db, &state.config.kafka, filter)
+            .await
+            .map_err(db_error)?;
         Ok(Json(RetryResult { requeued }))
     }
 
     /// Retry every failed event matching a filter
-    #[oai(path = "/api/admin/events/retry", method = "post", operation_id = "adminRetryFailedEvents")]
+    #[oai(
+        path = "/api/admin/events/retry",
+        method = "post",
+        operation_id = "adminRetryFailedEvents"
+    )]
     async fn retry_failed(
         &self,
         _auth: AdminToken,
@@ -309,15 +347,25 @@ impl AdminApi {
         if let Some(until) = filter.until {
             condition = condition.add(webhook_event::Column::CreatedAt.lt(until));
         }
-        let requeued = requeue_failed(&state.db, &state.config.kafka, condition).await.map_err(db_error)?;
+        let requeued = requeue_failed(&state.db, &state.config.kafka, condition)
+            .await
+            .map_err(db_error)?;
         Ok(Json(RetryResult { requeued }))
     }
 
     /// Outbox backlog
     ///
     /// The figures behind the `outbox_*` metrics, computed now.
-    #[oai(path = "/api/admin/outbox", method = "get", operation_id = "adminOutboxSummary")]
-    async fn outbox_summary(&self, _auth: AdminToken, state: Data<&Arc<AppState>>) -> ApiResult<Json<OutboxSummary>> {
+    #[oai(
+        path = "/api/admin/outbox",
+        method = "get",
+        operation_id = "adminOutboxSummary"
+    )]
+    async fn outbox_summary(
+        &self,
+        _auth: AdminToken,
+        state: Data<&Arc<AppState>>,
+    ) -> ApiResult<Json<OutboxSummary>> {
         backlog(&state.db).await.map(Json).map_err(db_error)
     }
 }
@@ -352,13 +400,29 @@ async fn requeue_failed(
     }
     let now = Utc::now();
     webhook_event::Entity::update_many()
-        .col_expr(webhook_event::Column::Status, Expr::value(webhook_event::STATUS_PENDING))
-        .col_expr(webhook_event::Column::Error, Expr::value(Option::<String>::None))
+        .col_expr(
+            webhook_event::Column::Status,
+            Expr::value(webhook_event::STATUS_PENDING),
+        )
+        .col_expr(
+            webhook_event::Column::Error,
+            Expr::value(Option::<String>::None),
+        )
         .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
         .filter(webhook_event::Column::Id.is_in(events.iter().map(|e| e.id)))
         .exec(&txn)
         .await?;
-    let rows: Vec<_> = events.iter().map(|e| (e.event_id.as_str(), e.event_type.as_str(), e.contact_id.as_str(), &e.payload)).collect();
+    let rows: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e.event_id.as_str(),
+                e.event_type.as_str(),
+                e.contact_id.as_str(),
+                &e.payload,
+            )
+        })
+        .collect();
     insert_outbox_rows(&txn, kafka, &rows).await?;
     txn.commit().await?;
     tracing::info!(requeued = events.len(), "failed events re-queued");
@@ -377,30 +441,56 @@ struct BacklogRow {
 pub async fn backlog(db: &DatabaseConnection) -> Result<OutboxSummary, DbErr> {
     let now = Utc::now();
     let backend = db.get_database_backend();
-    let placeholder = if backend == DatabaseBackend::Postgres { "$1" } else { "?" };
+    let placeholder = if backend == DatabaseBackend::Postgres {
+        "$1"
+    } else {
+        "?"
+    };
     let sql = format!(
         "SELECT topic, COUNT(*) AS pending, \
                 CAST(SUM(CASE WHEN next_attempt_at > {placeholder} THEN 1 ELSE 0 END) AS BIGINT) AS parked, \
                 MIN(CASE WHEN next_attempt_at <= {placeholder} THEN created_at END) AS oldest_claimable \
          FROM outbox WHERE published_at IS NULL GROUP BY topic ORDER BY topic"
     );
-    let values: Vec<sea_orm::Value> = if backend == DatabaseBackend::Postgres { vec![now.into()] } else { vec![now.into(), now.into()] };
-    let rows = BacklogRow::find_by_statement(Statement::from_sql_and_values(backend, sql, values)).all(db).await?;
-    let age = |t: Option<DateTime<Utc>>| t.map_or(0.0, |t| ((now - t).num_milliseconds().max(0) as f64) / 1000.0);
+    let values: Vec<sea_orm::Value> = if backend == DatabaseBackend::Postgres {
+        vec![now.into()]
+    } else {
+        vec![now.into(), now.into()]
+    };
+    let rows = BacklogRow::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
+        .all(db)
+        .await?;
+    let age = |t: Option<DateTime<Utc>>| {
+        t.map_or(0.0, |t| {
+            ((now - t).num_milliseconds().max(0) as f64) / 1000.0
+        })
+    };
     let topics: Vec<TopicBacklog> = rows
         .into_iter()
-        .map(|r| TopicBacklog { topic: r.topic, pending: r.pending, parked: r.parked, oldest_claimable_age_secs: age(r.oldest_claimable) })
+        .map(|r| TopicBacklog {
+            topic: r.topic,
+            pending: r.pending,
+            parked: r.parked,
+            oldest_claimable_age_secs: age(r.oldest_claimable),
+        })
         .collect();
     Ok(OutboxSummary {
         pending: topics.iter().map(|t| t.pending).sum(),
         parked: topics.iter().map(|t| t.parked).sum(),
-        oldest_claimable_age_secs: topics.iter().map(|t| t.oldest_claimable_age_secs).fold(0.0, f64::max),
+        oldest_claimable_age_secs: topics
+            .iter()
+            .map(|t| t.oldest_claimable_age_secs)
+            .fold(0.0, f64::max),
         topics,
     })
 }
 
 /// Keeps the `outbox_*` gauges current, so a scrape never queries the database.
-pub async fn refresh_backlog_gauges(db: DatabaseConnection, every: Duration, shutdown: CancellationToken) {
+pub async fn refresh_backlog_gauges(
+    db: DatabaseConnection,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     let mut seen = BTreeSet::<String>::new();
     while !shutdown.is_cancelled() {
         match backlog(&db).await {
@@ -416,7 +506,8 @@ pub async fn refresh_backlog_gauges(db: DatabaseConnection, every: Duration, shu
                     set_gauges(&t.topic, t.pending, t.parked, t.oldest_claimable_age_secs);
                 }
                 metrics::gauge!("outbox_pending_total").set(summary.pending as f64);
-                metrics::gauge!("outbox_oldest_claimable_age_seconds_max").set(summary.oldest_claimable_age_secs);
+                metrics::gauge!("outbox_oldest_claimable_age_seconds_max")
+                    .set(summary.oldest_claimable_age_secs);
             }
             Err(error) => tracing::warn!(%error, "outbox backlog query failed"),
         }

@@ -63,8 +63,16 @@ impl From<contact::Model> for ContactView {
 #[OpenApi(tag = "ApiTags::Contacts")]
 impl ContactsApi {
     /// Get a mirrored contact
-    #[oai(path = "/api/contacts/:id", method = "get", operation_id = "getContact")]
-    async fn get_contact(&self, state: Data<&Arc<AppState>>, id: Path<String>) -> ApiResult<Json<ContactView>> {
+    #[oai(
+        path = "/api/contacts/:id",
+        method = "get",
+        operation_id = "getContact"
+    )]
+    async fn get_contact(
+        &self,
+        state: Data<&Arc<AppState>>,
+        id: Path<String>,
+    ) -> ApiResult<Json<ContactView>> {
         let found = contact::Entity::find_by_id(id.0.clone())
             .one(&state.db)
             .await

@@ -55,20 +55,40 @@ impl HealthApi {
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
         let database = match tokio::time::timeout(PROBE_TIMEOUT, state.db.ping()).await {
-            Ok(Ok(())) => DependencyStatus { name: "database".into(), up: true, error: None },
+            Ok(Ok(())) => DependencyStatus {
+                name: "database".into(),
+                up: true,
+                error: None,
+            },
             Ok(Err(_)) => down("database", "the database did not answer"),
             Err(_) => down("database", "the database did not answer in time"),
         };
         let mut dependencies = vec![database];
         if state.config.kafka.brokers.is_some() {
-            dependencies.push(match relay::kafka::check_broker(&state.config.kafka, PROBE_TIMEOUT).await {
-                Ok(()) => DependencyStatus { name: "kafka".into(), up: true, error: None },
-                Err(_) => down("kafka", "the broker did not answer a metadata request in time"),
-            });
+            dependencies.push(
+                match relay::kafka::check_broker(&state.config.kafka, PROBE_TIMEOUT).await {
+                    Ok(()) => DependencyStatus {
+                        name: "kafka".into(),
+                        up: true,
+                        error: None,
+                    },
+                    Err(_) => down(
+                        "kafka",
+                        "the broker did not answer a metadata request in time",
+                    ),
+                },
+            );
         }
         let ready = dependencies.iter().all(|d| d.up);
-        let body = Json(Readiness { ready, dependencies });
-        if ready { ReadyResponse::Ready(body) } else { ReadyResponse::NotReady(body) }
+        let body = Json(Readiness {
+            ready,
+            dependencies,
+        });
+        if ready {
+            ReadyResponse::Ready(body)
+        } else {
+            ReadyResponse::NotReady(body)
+        }
     }
 
     /// Prometheus metrics
@@ -82,5 +102,9 @@ impl HealthApi {
 }
 
 fn down(name: &str, error: &str) -> DependencyStatus {
-    DependencyStatus { name: name.into(), up: false, error: Some(error.into()) }
+    DependencyStatus {
+        name: name.into(),
+        up: false,
+        error: Some(error.into()),
+    }
 }

@@ -45,7 +45,11 @@ impl WebhookApi {
     /// body, the timestamp window, the client IP allowlist, then the JSON body. A 200 means the
     /// event and its outbox row are committed in one transaction; processing happens after.
     /// Any non-2xx answer changed nothing, and a 500 may be retried.
-    #[oai(path = "/api/webhooks", method = "post", operation_id = "receiveWebhook")]
+    #[oai(
+        path = "/api/webhooks",
+        method = "post",
+        operation_id = "receiveWebhook"
+    )]
     async fn receive(
         &self,
         state: Data<&Arc<AppState>>,
@@ -63,7 +67,10 @@ impl WebhookApi {
         let started = Instant::now();
         let body = body.0;
         if let Err(error) = state.verifier.verify(signature.0.as_deref(), &body) {
-            return Err(reject("signature_invalid", ApiError::unauthorized("signature_invalid", error.to_string())));
+            return Err(reject(
+                "signature_invalid",
+                ApiError::unauthorized("signature_invalid", error.to_string()),
+            ));
         }
         let tolerance = state.config.webhook.timestamp_tolerance_secs;
         if let Err(error) = check_freshness(timestamp.0.as_deref(), Utc::now(), tolerance) {
@@ -75,19 +82,28 @@ impl WebhookApi {
         if state.ip_policy.is_enabled() {
             let peer = request.remote_addr().as_socket_addr().map(|a| a.ip());
             let forwarded_for = request.header("X-Forwarded-For");
-            let allowed = peer.is_some_and(|peer| state.ip_policy.allows(state.ip_policy.client_ip(peer, forwarded_for)));
+            let allowed = peer.is_some_and(|peer| {
+                state
+                    .ip_policy
+                    .allows(state.ip_policy.client_ip(peer, forwarded_for))
+            });
             if !allowed {
                 return Err(reject(
                     "ip_forbidden",
-                    ApiError::forbidden("ip_forbidden", "the client address is not allowed to post webhooks"),
+                    ApiError::forbidden(
+                        "ip_forbidden",
+                        "the client address is not allowed to post webhooks",
+                    ),
                 ));
             }
         }
         let event = validate_event(&body).map_err(|error| {
             let api_error = match error {
-                ValidationError::Json(message) => {
-                    ApiError::bad_request("payload_invalid", format!("the body is not valid JSON: {message}"), vec![])
-                }
+                ValidationError::Json(message) => ApiError::bad_request(
+                    "payload_invalid",
+                    format!("the body is not valid JSON: {message}"),
+                    vec![],
+                ),
                 ValidationError::Fields(errors) => ApiError::bad_request(
                     "payload_invalid",
                     "the body is not a valid contact event",
@@ -99,10 +115,15 @@ impl WebhookApi {
 
         let event_id = event.event_id.clone();
         let span = tracing::info_span!("ingest", event_id = %event_id, event_type = event.event_type.as_str());
-        let outcome = state.writer.ingest(event).instrument(span).await.map_err(|error| {
-            metrics::counter!("webhook_requests_total", "outcome" => "error").increment(1);
-            ApiError::internal("storing the webhook failed", &error)
-        })?;
+        let outcome = state
+            .writer
+            .ingest(event)
+            .instrument(span)
+            .await
+            .map_err(|error| {
+                metrics::counter!("webhook_requests_total", "outcome" => "error").increment(1);
+                ApiError::internal("storing the webhook failed", &error)
+            })?;
         metrics::histogram!("webhook_ingest_seconds").record(started.elapsed().as_secs_f64());
         let status = match outcome {
             IngestOutcome::Accepted => {

@@ -1,1 +1,5 @@
-
+//! Integration tests against real PostgreSQL and a real Kafka-protocol broker (Tansu).
+//! Run them with `scripts/test`, which provides both.
+mod embedded;
+mod ingest;
+mod support;

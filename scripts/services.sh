@@ -1,0 +1,128 @@
+# Shared by scripts/test and scripts/bench: find, install or start what the tests need.
+# Every function exports what it found; whatever it started is stopped when the shell exits.
+
+TANSU_VERSION=0.6.0
+CLEANUP=()
+cleanup() {
+  local i
+  for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[$i]}" || true; done
+}
+trap cleanup EXIT
+
+log() { printf '\033[1m[services]\033[0m %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root to run: $*"; return 1; fi
+}
+
+APT_UPDATED=
+apt_install() {
+  command -v apt-get >/dev/null || { log "cannot install $* (no apt-get): install it by hand"; return 1; }
+  if [ -z "$APT_UPDATED" ]; then as_root apt-get update -qq; APT_UPDATED=1; fi
+  log "installing $*"
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_for_port() { # port seconds
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# A C toolchain, make and the headers rdkafka's bundled librdkafka builds against.
+ensure_build_tools() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(build-essential)
+  command -v make >/dev/null || missing+=(make)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  command -v python3 >/dev/null || missing+=(python3)
+  [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+ensure_nextest() {
+  cargo nextest --version >/dev/null 2>&1 && return 0
+  log "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+}
+
+pg_accepts() { # url
+  command -v psql >/dev/null && PGCONNECT_TIMEOUT=3 psql "$1" -w -tAc 'select 1' >/dev/null 2>&1
+}
+
+# Exports ACME_TEST_DATABASE_URL: the given one; else a local server that lets `postgres` in
+# without a password; else a throwaway cluster started here (installing PostgreSQL if needed).
+ensure_postgres() {
+  if [ -n "${ACME_TEST_DATABASE_URL:-}" ]; then
+    log "PostgreSQL: using ACME_TEST_DATABASE_URL"
+    return 0
+  fi
+  local local_url=postgres://postgres@127.0.0.1:5432/postgres
+  if pg_accepts "$local_url"; then
+    export ACME_TEST_DATABASE_URL=$local_url
+    log "PostgreSQL: using the server on 127.0.0.1:5432"
+    return 0
+  fi
+  local bindir
+  bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [ -z "$bindir" ]; then
+    apt_install postgresql postgresql-client
+    bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+  fi
+  local dir port user
+  dir=$(mktemp -d /tmp/acme-pg.XXXXXX)
+  port=$(free_port)
+  # initdb refuses to run as root: the cluster belongs to an unprivileged user.
+  if [ "$(id -u)" = 0 ]; then
+    user=postgres
+    id -u "$user" >/dev/null 2>&1 || useradd --system --no-create-home "$user"
+    chown "$user" "$dir"
+  else
+    user=$(id -un)
+  fi
+  local run=(env)
+  [ "$(id -u)" = 0 ] && run=(runuser -u "$user" --)
+  log "PostgreSQL: starting a throwaway cluster on port $port ($bindir)"
+  "${run[@]}" "$bindir/initdb" -D "$dir/data" -A trust -U postgres >"$dir/initdb.log"
+  "${run[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=on" start >/dev/null
+  CLEANUP+=("${run[*]} $bindir/pg_ctl -D $dir/data -m fast stop >/dev/null; rm -rf $dir")
+  export ACME_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$port/postgres
+}
+
+# Exports ACME_TEST_TANSU (the broker binary, for tests that stop and restart their own broker)
+# and ACME_TEST_KAFKA_BROKERS (a broker started here, unless one was given).
+ensure_broker() {
+  local tansu
+  tansu=$(command -v tansu || true)
+  [ -z "$tansu" ] && [ -x "$HOME/.cargo/bin/tansu" ] && tansu=$HOME/.cargo/bin/tansu
+  if [ -z "$tansu" ]; then
+    log "installing the Tansu broker $TANSU_VERSION (about 13 minutes on 2 cores, once)"
+    cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+    tansu=$HOME/.cargo/bin/tansu
+  fi
+  export ACME_TEST_TANSU=$tansu
+  if [ -n "${ACME_TEST_KAFKA_BROKERS:-}" ]; then
+    log "Kafka: using ACME_TEST_KAFKA_BROKERS=$ACME_TEST_KAFKA_BROKERS"
+    return 0
+  fi
+  local port log_file
+  port=$(free_port)
+  log_file=$(mktemp /tmp/acme-tansu.XXXXXX.log)
+  log "Kafka: starting Tansu on 127.0.0.1:$port (log: $log_file)"
+  "$tansu" broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine memory://tansu/ >"$log_file" 2>&1 &
+  local pid=$!
+  CLEANUP+=("kill $pid 2>/dev/null; wait $pid 2>/dev/null")
+  wait_for_port "$port" 30 || { log "Tansu did not start:"; tail -n 20 "$log_file" >&2; return 1; }
+  export ACME_TEST_KAFKA_BROKERS=127.0.0.1:$port
+}

@@ -1,0 +1,289 @@
+//! Test harness: a fresh Postgres database per test, a unique topic prefix and consumer group per
+//! test, the service started in-process on a port-0 listener, and signed-request helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use api::config::{Config, Secret};
+use api::{Roles, Service};
+use chrono::Utc;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, Statement};
+use serde_json::{Value, json};
+
+pub const SECRET: &str = "test-secret";
+
+/// Admin URL of the test PostgreSQL server (scripts/test exports it).
+pub fn admin_database_url() -> String {
+    std::env::var("ACME_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Bootstrap servers of the shared test broker (scripts/test starts one).
+pub fn kafka_brokers() -> String {
+    std::env::var("ACME_TEST_KAFKA_BROKERS")
+        .expect("ACME_TEST_KAFKA_BROKERS is not set: run the tests with scripts/test")
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Creates an empty database of its own for one test; returns its URL.
+pub async fn fresh_database() -> String {
+    let admin_url = admin_database_url();
+    let admin = Database::connect(&admin_url)
+        .await
+        .expect("connect to the test PostgreSQL server");
+    let name = unique("acme_test");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    let base = admin_url
+        .rsplit_once('/')
+        .map_or(admin_url.as_str(), |(base, _)| base);
+    format!("{base}/{name}")
+}
+
+/// Configuration of one test: its own database, secret, topics and group.
+pub fn test_config(database_url: &str) -> Config {
+    let mut config = Config::defaults();
+    config.database.url = Some(Secret::new(database_url));
+    config.database.max_connections = 10;
+    config.webhook.secrets = vec![Secret::new(SECRET)];
+    config.kafka.topic_prefix = unique("t");
+    config.kafka.group_id = unique("g");
+    config.kafka.partitions = 2;
+    config.kafka.message_timeout_ms = 5000;
+    config.relay.poll_interval_ms = 200;
+    config.relay.backoff_base_ms = 100;
+    config.relay.backoff_max_ms = 1000;
+    config.consumer.backoff_base_ms = 50;
+    config.consumer.backoff_max_ms = 500;
+    config.metrics.backlog_refresh_secs = 1;
+    config
+}
+
+/// A running service and a client for it.
+pub struct TestApp {
+    pub config: Config,
+    pub service: Option<Service>,
+    pub addr: Option<SocketAddr>,
+    pub client: reqwest::Client,
+    pub db: DatabaseConnection,
+}
+
+impl TestApp {
+    /// HTTP role only, on a fresh database (no broker needed).
+    pub async fn http_only() -> Self {
+        let url = fresh_database().await;
+        Self::start(test_config(&url), Roles::HTTP).await
+    }
+
+    /// Every role, against the shared test broker.
+    pub async fn with_kafka() -> Self {
+        let url = fresh_database().await;
+        let mut config = test_config(&url);
+        config.kafka.brokers = Some(kafka_brokers());
+        Self::start(config, Roles::ALL).await
+    }
+
+    pub async fn start(config: Config, roles: Roles) -> Self {
+        let listener = roles
+            .http
+            .then(|| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"));
+        let service = Service::start(config.clone(), roles, listener)
+            .await
+            .expect("service starts");
+        let db = connect(&config).await;
+        Self {
+            addr: service.http_addr,
+            service: Some(service),
+            config,
+            client: reqwest::Client::new(),
+            db,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr.expect("the HTTP role runs"))
+    }
+
+    /// Posts `body` signed with the test secret and a current timestamp.
+    pub async fn post_signed(&self, body: &str) -> reqwest::Response {
+        self.post_with(body, Some(&sign(SECRET, body)), Some(&now_header()), &[])
+            .await
+    }
+
+    /// Posts `body` with exactly the given signature/timestamp headers and extra headers.
+    pub async fn post_with(
+        &self,
+        body: &str,
+        signature: Option<&str>,
+        timestamp: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url("/api/webhooks"))
+            .header("Content-Type", "application/json")
+            .body(body.to_owned());
+        if let Some(signature) = signature {
+            request = request.header("X-Acme-Signature", signature);
+        }
+        if let Some(timestamp) = timestamp {
+            request = request.header("X-Acme-Timestamp", timestamp);
+        }
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("request sent")
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        count(&self.db, sql).await
+    }
+
+    /// Waits until `sql` (a COUNT query) returns `expected`; panics with the last value otherwise.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.count(sql).await;
+            if n == expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{sql}` stayed at {n}, expected {expected}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(service) = self.service.take() {
+            service.stop().await;
+        }
+    }
+}
+
+pub async fn connect(config: &Config) -> DatabaseConnection {
+    Database::connect(config.database_url())
+        .await
+        .expect("connect to the test database")
+}
+
+pub async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            sql.to_owned(),
+        ))
+        .await
+        .expect("count query")
+        .expect("one row");
+    row.try_get_by_index::<i64>(0).expect("an integer")
+}
+
+pub fn sign(secret: &str, body: &str) -> String {
+    format!(
+        "sha256={}",
+        api::signature::sign(secret.as_bytes(), body.as_bytes())
+    )
+}
+
+pub fn now_header() -> String {
+    Utc::now().timestamp().to_string()
+}
+
+/// A valid `contact.created`/`contact.updated` body.
+pub fn contact_event(event: &str, event_id: &str, contact_id: &str, updated_at: &str) -> Value {
+    json!({
+        "event": event,
+        "timestamp": updated_at,
+        "id": event_id,
+        "data": {
+            "id": contact_id,
+            "firstName": "John",
+            "lastName": format!("Smith-{event_id}"),
+            "email": format!("{contact_id}@example.com"),
+            "phone": "555-987-6543",
+            "company": "Acme Inc",
+            "title": "Senior Engineer",
+            "createdAt": "2025-05-19T00:00:00.000Z",
+            "updatedAt": updated_at
+        }
+    })
+}
+
+pub fn delete_event(event_id: &str, contact_id: &str, timestamp: &str) -> Value {
+    json!({ "event": "contact.deleted", "timestamp": timestamp, "id": event_id, "data": { "id": contact_id } })
+}
+
+/// A Tansu broker of a test's own, which the test may stop and restart on the same port.
+pub struct OwnBroker {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl OwnBroker {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut broker = Self { port, child: None };
+        broker.restart();
+        broker
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker process (again) on the same port and waits until it accepts connections.
+    pub fn restart(&mut self) {
+        let tansu = std::env::var("ACME_TEST_TANSU").unwrap_or_else(|_| "tansu".to_owned());
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tansu (set ACME_TEST_TANSU or run scripts/test)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the broker process.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
