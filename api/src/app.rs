@@ -170,7 +170,10 @@ impl Service {
                         .context("creating the Kafka producer")?,
                 )
             };
-            let relay = OutboxRelay::new(db.clone(), publisher, config.relay.clone());
+            let mut relay = OutboxRelay::new(db.clone(), publisher, config.relay.clone());
+            if !embedded_bus && config.kafka.create_topics {
+                relay = relay.recreate_topics_after_failures(config.kafka.clone());
+            }
             tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
         }
         if roles.consumer {

@@ -50,7 +50,9 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
             )
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(5)));
     for result in admin.create_topics(&new_topics, &options).await? {
         match result {
             Ok(topic) => tracing::info!(%topic, "created topic"),

@@ -29,6 +29,9 @@ pub struct OutboxRelay {
     db: DatabaseConnection,
     publisher: Publisher,
     config: RelayConfig,
+    /// Set when topics should be (re)created after failed publishes: a produce to a missing
+    /// topic only times out, and a broker can come back without them.
+    recreate_topics: Option<crate::config::KafkaConfig>,
 }
 
 impl OutboxRelay {
@@ -37,7 +40,14 @@ impl OutboxRelay {
             db,
             publisher,
             config,
+            recreate_topics: None,
         }
+    }
+
+    /// After a batch with failed publishes, make sure the topics exist before retrying.
+    pub fn recreate_topics_after_failures(mut self, kafka: crate::config::KafkaConfig) -> Self {
+        self.recreate_topics = Some(kafka);
+        self
     }
 
     /// One batch: claim, publish, record the outcome, commit.
@@ -127,6 +137,12 @@ impl OutboxRelay {
             let idle = match self.relay_once().await {
                 Ok(step) => {
                     failures = 0;
+                    if step.failed > 0
+                        && let Some(kafka) = &self.recreate_topics
+                        && let Err(error) = crate::kafka::ensure_topics(kafka).await
+                    {
+                        tracing::warn!(%error, "could not check the topics");
+                    }
                     (step.published + step.failed) < self.config.batch_size as usize
                 }
                 Err(error) => {

@@ -2,4 +2,5 @@
 //! Run them with `scripts/test`, which provides both.
 mod embedded;
 mod ingest;
+mod pipeline;
 mod support;

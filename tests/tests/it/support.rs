@@ -117,6 +117,11 @@ impl TestApp {
             .await
     }
 
+    /// Posts a JSON event signed with the test secret.
+    pub async fn post_signed_json(&self, body: &Value) -> reqwest::Response {
+        self.post_signed(&body.to_string()).await
+    }
+
     /// Posts `body` with exactly the given signature/timestamp headers and extra headers.
     pub async fn post_with(
         &self,
@@ -286,4 +291,61 @@ impl Drop for OwnBroker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// One message read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct ReadMessage {
+    pub topic: String,
+    pub key: String,
+    pub payload: Value,
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Reads `topics` from the beginning with a fresh consumer group until `expected` messages
+/// arrived, or nothing new came for `idle`.
+pub async fn read_topics(
+    brokers: &str,
+    topics: &[String],
+    expected: usize,
+    idle: Duration,
+) -> Vec<ReadMessage> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("test consumer");
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics).expect("subscribe");
+    let mut messages = Vec::new();
+    while messages.len() < expected {
+        let Ok(received) = tokio::time::timeout(idle, consumer.recv()).await else {
+            break;
+        };
+        let message = received.expect("kafka message");
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(h) = message.headers() {
+            for header in h.iter() {
+                let value = header
+                    .value
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                headers.insert(header.key.to_owned(), value);
+            }
+        }
+        messages.push(ReadMessage {
+            topic: message.topic().to_owned(),
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            payload: serde_json::from_slice(message.payload().unwrap_or_default())
+                .unwrap_or(Value::Null),
+            headers,
+        });
+    }
+    messages
 }

@@ -1,0 +1,398 @@
+//! Outbox -> Kafka -> consumer, end to end through real HTTP, PostgreSQL and a Kafka-protocol
+//! broker (Tansu).
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use api::Roles;
+use relay::bus::BusMessage;
+use relay::processor::{EventProcessor, Handled};
+use sea_orm::{ConnectionTrait, EntityTrait};
+use serde_json::{Value, json};
+
+use crate::support::*;
+
+const DRAIN: Duration = Duration::from_secs(60);
+
+fn at(minute: u32) -> String {
+    format!("2025-05-19T10:{minute:02}:00.000Z")
+}
+
+/// Hundreds of creates, updates, deletes and duplicates, some updates posted out of order:
+/// every event ends `processed`, `contacts` holds the newest state, and each topic holds the
+/// messages keyed by contact id with their headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_event_is_published_and_applied_once() {
+    let app = TestApp::with_kafka().await;
+    let contacts = 60;
+    let mut posts: Vec<Value> = Vec::new();
+    let mut expected: BTreeMap<String, (String, bool)> = BTreeMap::new(); // contact -> (lastName, deleted)
+    for c in 0..contacts {
+        let contact = format!("contact-{c}");
+        let create = contact_event("contact.created", &format!("evt-{c}-0"), &contact, &at(0));
+        let updates: Vec<Value> = (1..=3)
+            .map(|v| contact_event("contact.updated", &format!("evt-{c}-{v}"), &contact, &at(v)))
+            .collect();
+        posts.push(create.clone());
+        if c % 3 == 0 {
+            // Out of order: the newest update arrives before the older ones.
+            posts.extend([updates[2].clone(), updates[0].clone(), updates[1].clone()]);
+        } else {
+            posts.extend(updates.iter().cloned());
+        }
+        let last_name = updates[2]["data"]["lastName"]
+            .as_str()
+            .expect("name")
+            .to_owned();
+        let mut deleted = false;
+        if c % 5 == 0 {
+            posts.push(delete_event(&format!("evt-{c}-del"), &contact, &at(10)));
+            // A late update after the delete must not bring the contact back.
+            posts.push(contact_event(
+                "contact.updated",
+                &format!("evt-{c}-late"),
+                &contact,
+                &at(20),
+            ));
+            deleted = true;
+        }
+        if c % 4 == 0 {
+            posts.push(create.clone()); // AcmeCRM retried a delivery
+        }
+        expected.insert(contact, (last_name, deleted));
+    }
+    let unique_events: BTreeSet<String> = posts
+        .iter()
+        .map(|p| p["id"].as_str().expect("id").to_owned())
+        .collect();
+
+    let started = Instant::now();
+    for chunk in posts.chunks(25) {
+        let responses =
+            futures::future::join_all(chunk.iter().map(|p| app.post_signed_json(p))).await;
+        for response in responses {
+            assert_eq!(response.status(), 200);
+        }
+    }
+    let total = unique_events.len() as i64;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        total,
+        DRAIN,
+    )
+    .await;
+    let drained_in = started.elapsed();
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM webhook_events").await,
+        total
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+            .await,
+        0
+    );
+
+    // contacts mirrors the newest state of each contact.
+    let rows = entity::contact::Entity::find()
+        .all(&app.db)
+        .await
+        .expect("contacts");
+    assert_eq!(rows.len(), contacts);
+    for row in rows {
+        let (last_name, deleted) = &expected[&row.id];
+        assert_eq!(row.deleted, *deleted, "{}", row.id);
+        // A deletion freezes whatever version was applied before it (requests are concurrent,
+        // so which one that is may vary); a live contact must hold its newest version.
+        if !deleted {
+            assert_eq!(
+                row.last_name.as_deref(),
+                Some(last_name.as_str()),
+                "{}",
+                row.id
+            );
+        }
+    }
+
+    // Each topic holds its messages, keyed by contact id, with the event headers.
+    let topics: Vec<String> = relay::EVENT_TYPES
+        .iter()
+        .map(|t| app.config.kafka.topic_for(t))
+        .collect();
+    let messages = read_topics(
+        &kafka_brokers(),
+        &topics,
+        unique_events.len(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for m in &messages {
+        let event_id = m.payload["id"].as_str().expect("id");
+        assert_eq!(m.headers["event-id"], event_id);
+        assert_eq!(
+            m.headers["event-type"],
+            m.payload["event"].as_str().expect("event")
+        );
+        assert_eq!(
+            m.topic,
+            app.config
+                .kafka
+                .topic_for(m.payload["event"].as_str().expect("event"))
+        );
+        assert_eq!(m.key, m.payload["data"]["id"].as_str().expect("contact id"));
+        *seen.entry(event_id.to_owned()).or_default() += 1;
+    }
+    let published: BTreeSet<String> = seen.keys().cloned().collect();
+    assert_eq!(published, unique_events);
+    let duplicates_in_kafka: usize = seen.values().map(|n| n - 1).sum();
+    println!(
+        "posted {} requests, {} unique events; all processed in {:?}; {} duplicate messages in Kafka",
+        posts.len(),
+        unique_events.len(),
+        drained_in,
+        duplicates_in_kafka
+    );
+}
+
+/// The consumer's single step: a re-delivered message changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_delivered_twice_changes_contacts_once() {
+    let app = TestApp::http_only().await;
+    let event = contact_event("contact.created", "evt_twice", "contact-twice", &at(1));
+    assert_eq!(app.post_signed_json(&event).await.status(), 200);
+    let row = entity::outbox::Entity::find()
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("outbox row");
+    let message = BusMessage::from_outbox(&row);
+    let processor = EventProcessor::new(app.db.clone());
+
+    assert!(matches!(
+        processor.handle(&message).await.expect("first"),
+        Handled::Processed(_)
+    ));
+    let after_first = entity::contact::Entity::find_by_id("contact-twice")
+        .one(&app.db)
+        .await
+        .expect("q")
+        .expect("contact");
+    assert_eq!(
+        processor.handle(&message).await.expect("second"),
+        Handled::AlreadyDone
+    );
+    let after_second = entity::contact::Entity::find_by_id("contact-twice")
+        .one(&app.db)
+        .await
+        .expect("q")
+        .expect("contact");
+    assert_eq!(after_first, after_second);
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed' AND attempts = 1"
+        )
+        .await,
+        1
+    );
+}
+
+/// Through Kafka: a message produced twice is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_kafka_message_is_skipped() {
+    let app = TestApp::with_kafka().await;
+    let event = contact_event("contact.created", "evt_dup_kafka", "contact-dup", &at(1));
+    assert_eq!(app.post_signed_json(&event).await.status(), 200);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        1,
+        DRAIN,
+    )
+    .await;
+
+    // Publish the same message again, as a relay that died before marking its batch would.
+    let row = entity::outbox::Entity::find()
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("outbox row");
+    let publisher = relay::kafka::KafkaPublisher::connect(&app.config.kafka)
+        .await
+        .expect("producer");
+    let results = publisher.publish(&[BusMessage::from_outbox(&row)]).await;
+    assert!(results.iter().all(Result::is_ok));
+    // A later event of the same contact (same partition) proves the duplicate was consumed.
+    let sentinel = contact_event("contact.updated", "evt_sentinel", "contact-dup", &at(2));
+    assert_eq!(app.post_signed_json(&sentinel).await.status(), 200);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        2,
+        DRAIN,
+    )
+    .await;
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM webhook_events WHERE event_id = 'evt_dup_kafka' AND attempts = 1"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM contacts WHERE last_event_id = 'evt_sentinel'")
+            .await,
+        1
+    );
+}
+
+/// A message that can never be applied is marked failed, dead-lettered, and does not block the
+/// partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_and_the_next_one_is_processed() {
+    let app = TestApp::with_kafka().await;
+    // Bypass validation, as a bug or a schema change upstream would: an update without updatedAt.
+    let poison = json!({ "event": "contact.updated", "id": "evt_poison", "timestamp": at(1), "data": { "id": "contact-p" } });
+    let topic = app.config.kafka.topic_for("contact.updated");
+    app.db
+        .execute_unprepared(&format!(
+            "WITH e AS (INSERT INTO webhook_events (event_id, event_type, contact_id, payload) \
+               VALUES ('evt_poison', 'contact.updated', 'contact-p', '{poison}') RETURNING event_id) \
+             INSERT INTO outbox (event_id, topic, message_key, payload, headers) \
+             SELECT event_id, '{topic}', 'contact-p', '{poison}', \
+                    '{{\"event-id\": \"evt_poison\", \"event-type\": \"contact.updated\"}}' FROM e"
+        ))
+        .await
+        .expect("poison inserted");
+    let next = contact_event("contact.updated", "evt_after_poison", "contact-p", &at(2));
+    assert_eq!(app.post_signed_json(&next).await.status(), 200);
+
+    app.wait_for_count("SELECT COUNT(*) FROM webhook_events WHERE event_id = 'evt_after_poison' AND status = 'processed'", 1, DRAIN).await;
+    app.wait_for_count("SELECT COUNT(*) FROM webhook_events WHERE event_id = 'evt_poison' AND status = 'failed' AND error LIKE '%updatedAt%'", 1, DRAIN).await;
+    let dead = read_topics(
+        &kafka_brokers(),
+        &[app.config.kafka.dlq_topic()],
+        1,
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers["event-id"], "evt_poison");
+    assert!(
+        dead[0].headers["error"].contains("updatedAt"),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(dead[0].key, "contact-p");
+}
+
+/// Two relays drain one outbox together: every row is published, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_drain_one_outbox_without_losing_or_repeating_rows() {
+    let mut ingest = TestApp::http_only().await;
+    let bodies: Vec<Value> = (0..300)
+        .map(|i| {
+            contact_event(
+                "contact.created",
+                &format!("evt-r-{i}"),
+                &format!("contact-r-{}", i % 50),
+                &at(0),
+            )
+        })
+        .collect();
+    for chunk in bodies.chunks(50) {
+        for response in
+            futures::future::join_all(chunk.iter().map(|b| ingest.post_signed_json(b))).await
+        {
+            assert_eq!(response.status(), 200);
+        }
+    }
+    ingest.stop().await;
+    let mut config = ingest.config.clone();
+    config.kafka.brokers = Some(kafka_brokers());
+    config.relay.batch_size = 20;
+    let first = TestApp::start(config.clone(), Roles::RELAY).await;
+    let second = TestApp::start(config.clone(), Roles::RELAY).await;
+    first
+        .wait_for_count(
+            "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
+            0,
+            DRAIN,
+        )
+        .await;
+
+    let topics = vec![config.kafka.topic_for("contact.created")];
+    let messages = read_topics(&kafka_brokers(), &topics, 300, Duration::from_secs(10)).await;
+    let ids: Vec<&str> = messages
+        .iter()
+        .map(|m| m.headers["event-id"].as_str())
+        .collect();
+    let unique: BTreeSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), 300, "every row was published");
+    assert_eq!(ids.len(), 300, "no row was published twice");
+    drop((first, second));
+}
+
+/// With the broker down, rows stay unpublished (no delivery report, no mark) and go out once it
+/// is back; ingest keeps acknowledging meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_wait_out_a_broker_outage_and_are_published_after_it() {
+    let mut broker = OwnBroker::start();
+    let url = fresh_database().await;
+    let mut config = test_config(&url);
+    config.kafka.brokers = Some(broker.brokers());
+    config.kafka.message_timeout_ms = 2000;
+    let app = TestApp::start(config, Roles::ALL).await;
+    for i in 0..10 {
+        let body = contact_event(
+            "contact.created",
+            &format!("evt-o-{i}"),
+            &format!("contact-o-{i}"),
+            &at(0),
+        );
+        assert_eq!(app.post_signed_json(&body).await.status(), 200);
+    }
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        10,
+        DRAIN,
+    )
+    .await;
+
+    broker.stop();
+    for i in 10..20 {
+        let body = contact_event(
+            "contact.created",
+            &format!("evt-o-{i}"),
+            &format!("contact-o-{i}"),
+            &at(0),
+        );
+        assert_eq!(
+            app.post_signed_json(&body).await.status(),
+            200,
+            "ingest does not need the broker"
+        );
+    }
+    // Past the delivery timeout: the relay tried, failed, and marked nothing.
+    app.wait_for_count("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL AND attempts > 0 AND last_error IS NOT NULL", 10, Duration::from_secs(30)).await;
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
+            .await,
+        10
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'")
+            .await,
+        10
+    );
+
+    broker.restart();
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
+        0,
+        DRAIN,
+    )
+    .await;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        20,
+        DRAIN,
+    )
+    .await;
+}
