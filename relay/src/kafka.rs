@@ -1,6 +1,6 @@
 //! rdkafka clients: configuration, topic creation, the idempotent publisher, the consumer.
 //! Creating, flushing and querying clients blocks, so it runs on the blocking thread pool.
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -82,7 +82,8 @@ pub async fn check_broker(config: &KafkaConfig, timeout: Duration) -> Result<(),
 /// The relay's producer: idempotent, `acks=all`, one delivery report per message.
 #[derive(Clone)]
 pub struct KafkaPublisher {
-    producer: Arc<FutureProducer>,
+    producer: Arc<RwLock<Arc<FutureProducer>>>,
+    config: ClientConfig,
 }
 
 impl KafkaPublisher {
@@ -93,14 +94,46 @@ impl KafkaPublisher {
             .set("acks", "all")
             .set("message.timeout.ms", config.message_timeout_ms.to_string())
             .set("linger.ms", "2");
-        let producer: FutureProducer = blocking(move || client_config.create()).await?;
+        let producer = create_producer(client_config.clone()).await?;
         Ok(Self {
-            producer: Arc::new(producer),
+            producer: Arc::new(RwLock::new(producer)),
+            config: client_config,
         })
+    }
+
+    fn current(&self) -> Arc<FutureProducer> {
+        self.producer
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces a producer that failed a whole batch. An idempotent producer keeps its producer
+    /// id and sequence numbers across reconnects; a broker that came back without that state
+    /// (or a fatal error) leaves it unable to deliver anything, while a fresh one starts clean.
+    async fn replace(&self, failed: &Arc<FutureProducer>) {
+        match failed.client().fatal_error() {
+            Some((code, reason)) => {
+                tracing::warn!(?code, %reason, "producer hit a fatal error; creating a new one")
+            }
+            None => {
+                tracing::warn!("no message of the batch was delivered; creating a new producer")
+            }
+        }
+        match create_producer(self.config.clone()).await {
+            Ok(fresh) => {
+                let mut current = self.producer.write().unwrap_or_else(|e| e.into_inner());
+                if Arc::ptr_eq(&current, failed) {
+                    *current = fresh;
+                }
+            }
+            Err(error) => tracing::error!(%error, "could not create a new producer"),
+        }
     }
 
     /// Sends every message and waits for every delivery report.
     pub async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), String>> {
+        let producer = self.current();
         let deliveries = messages.iter().map(|message| {
             let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
             for (name, value) in &message.headers {
@@ -115,22 +148,30 @@ impl KafkaPublisher {
                 .headers(headers);
             // Timeout::Never: a full local queue waits for room instead of failing the row;
             // `message.timeout.ms` still bounds how long a delivery may take.
-            self.producer.send(record, Timeout::Never)
+            producer.send(record, Timeout::Never)
         });
-        futures::future::join_all(deliveries)
+        let reports: Vec<Result<(), String>> = futures::future::join_all(deliveries)
             .await
             .into_iter()
             .map(|delivery| delivery.map(|_| ()).map_err(|(error, _)| error.to_string()))
-            .collect()
+            .collect();
+        if reports.iter().all(Result::is_err) || producer.client().fatal_error().is_some() {
+            self.replace(&producer).await;
+        }
+        reports
     }
 
     /// Waits for queued messages, at most `timeout`.
     pub async fn flush(&self, timeout: Duration) {
-        let producer = self.producer.clone();
+        let producer = self.current();
         if let Err(error) = blocking(move || producer.flush(Timeout::After(timeout))).await {
             tracing::warn!(%error, "producer flush did not complete");
         }
     }
+}
+
+async fn create_producer(config: ClientConfig) -> Result<Arc<FutureProducer>, KafkaError> {
+    blocking(move || config.create().map(Arc::new)).await
 }
 
 /// A consumer-group member subscribed to the event topics, committing offsets by hand.

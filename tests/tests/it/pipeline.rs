@@ -330,7 +330,10 @@ async fn two_relays_drain_one_outbox_without_losing_or_repeating_rows() {
 }
 
 /// With the broker down, rows stay unpublished (no delivery report, no mark) and go out once it
-/// is back; ingest keeps acknowledging meanwhile.
+/// is back; ingest keeps acknowledging meanwhile. (The test broker keeps its log in memory, so
+/// the restarted broker is empty: the relay re-creates the topics, and the test reads the
+/// outage's messages from the new log. The consumer is not part of this test: with a broker
+/// that forgot its logs and offsets, no consumer position could be trusted.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_wait_out_a_broker_outage_and_are_published_after_it() {
     let mut broker = OwnBroker::start();
@@ -338,46 +341,47 @@ async fn rows_wait_out_a_broker_outage_and_are_published_after_it() {
     let mut config = test_config(&url);
     config.kafka.brokers = Some(broker.brokers());
     config.kafka.message_timeout_ms = 2000;
-    let app = TestApp::start(config, Roles::ALL).await;
-    for i in 0..10 {
-        let body = contact_event(
+    let roles = Roles {
+        http: true,
+        relay: true,
+        consumer: false,
+    };
+    let app = TestApp::start(config.clone(), roles).await;
+    let post = |i: usize| {
+        contact_event(
             "contact.created",
             &format!("evt-o-{i}"),
             &format!("contact-o-{i}"),
             &at(0),
-        );
-        assert_eq!(app.post_signed_json(&body).await.status(), 200);
+        )
+    };
+    for i in 0..10 {
+        assert_eq!(app.post_signed_json(&post(i)).await.status(), 200);
     }
     app.wait_for_count(
-        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
-        10,
+        "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL",
+        0,
         DRAIN,
     )
     .await;
 
     broker.stop();
     for i in 10..20 {
-        let body = contact_event(
-            "contact.created",
-            &format!("evt-o-{i}"),
-            &format!("contact-o-{i}"),
-            &at(0),
-        );
         assert_eq!(
-            app.post_signed_json(&body).await.status(),
+            app.post_signed_json(&post(i)).await.status(),
             200,
             "ingest does not need the broker"
         );
     }
-    // Past the delivery timeout: the relay tried, failed, and marked nothing.
-    app.wait_for_count("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL AND attempts > 0 AND last_error IS NOT NULL", 10, Duration::from_secs(30)).await;
+    // Past the delivery timeout: the relay tried, failed, and marked nothing published.
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM outbox WHERE published_at IS NULL AND attempts > 0 AND last_error IS NOT NULL",
+        10,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(
         app.count("SELECT COUNT(*) FROM outbox WHERE published_at IS NULL")
-            .await,
-        10
-    );
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'")
             .await,
         10
     );
@@ -389,10 +393,12 @@ async fn rows_wait_out_a_broker_outage_and_are_published_after_it() {
         DRAIN,
     )
     .await;
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
-        20,
-        DRAIN,
-    )
-    .await;
+    let topics = vec![config.kafka.topic_for("contact.created")];
+    let messages = read_topics(&broker.brokers(), &topics, 10, Duration::from_secs(10)).await;
+    let ids: BTreeSet<String> = messages
+        .iter()
+        .map(|m| m.headers["event-id"].clone())
+        .collect();
+    let expected: BTreeSet<String> = (10..20).map(|i| format!("evt-o-{i}")).collect();
+    assert_eq!(ids, expected);
 }

@@ -91,6 +91,11 @@ impl TestApp {
     }
 
     pub async fn start(config: Config, roles: Roles) -> Self {
+        // Logs go to the test's captured output; RUST_LOG raises the level.
+        api::telemetry::init_tracing(&api::config::LogConfig {
+            format: api::config::LogFormat::Text,
+            filter: "warn".into(),
+        });
         let listener = roles
             .http
             .then(|| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"));
