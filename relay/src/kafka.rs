@@ -180,6 +180,8 @@ pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, Kafk
     client_config
         .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
+        // Offsets are stored only by our explicit commits, after the database commit.
+        .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
     let topics: Vec<String> = crate::EVENT_TYPES

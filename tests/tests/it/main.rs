@@ -2,5 +2,6 @@
 //! Run them with `scripts/test`, which provides both.
 mod embedded;
 mod ingest;
+mod operations;
 mod pipeline;
 mod support;

@@ -1,0 +1,342 @@
+//! What operators use: graceful shutdown under load, metrics, readiness, the admin API.
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use api::Roles;
+use api::config::Secret;
+use serde_json::Value;
+
+use crate::support::*;
+
+const DRAIN: Duration = Duration::from_secs(60);
+
+/// Stopping the service (what SIGTERM does) while webhooks keep arriving loses nothing: after a
+/// restart every acknowledged event is processed.
+///
+/// KNOWN FAILURE (open in issue 3): against Tansu 0.6, 70-100 of ~700 acknowledged events are
+/// published (outbox marked after delivery reports) but never processed after the restart,
+/// while a new event posted after the restart is. The restarted group member starts past them;
+/// the cause (our commits vs the broker's group/offset handling) is not found yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known failure, see the doc comment: events skipped after a restart under load"]
+async fn a_graceful_stop_under_load_loses_no_acknowledged_event() {
+    let mut app = TestApp::with_kafka().await;
+    let client = app.client.clone();
+    let url = app.url("/api/webhooks");
+    let stop_sending = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let stop_sending = stop_sending.clone();
+        tokio::spawn(async move {
+            let mut acknowledged = BTreeSet::new();
+            let mut i = 0;
+            while !stop_sending.load(Ordering::Relaxed) {
+                let id = format!("evt-load-{i}");
+                let body = contact_event(
+                    "contact.updated",
+                    &id,
+                    &format!("contact-{}", i % 20),
+                    "2025-05-19T00:00:00Z",
+                )
+                .to_string();
+                let sent = client
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .header("X-Acme-Signature", sign(SECRET, &body))
+                    .header("X-Acme-Timestamp", now_header())
+                    .body(body)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) if response.status() == 200 => {
+                        acknowledged.insert(id);
+                    }
+                    Ok(_) => {}
+                    Err(_) => break, // the server is gone
+                }
+                i += 1;
+            }
+            acknowledged
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    app.stop().await;
+    stop_sending.store(true, Ordering::Relaxed);
+    let acknowledged = sender.await.expect("sender");
+    assert!(
+        acknowledged.len() > 10,
+        "the load ran ({} acknowledged)",
+        acknowledged.len()
+    );
+
+    // Restart on the same database, broker, topics and group.
+    let restarted = TestApp::start(app.config.clone(), Roles::ALL).await;
+    restarted
+        .wait_for_count(
+            "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+            acknowledged.len() as i64,
+            DRAIN,
+        )
+        .await;
+    assert_eq!(
+        restarted
+            .count("SELECT COUNT(*) FROM webhook_events WHERE status <> 'processed'")
+            .await,
+        0
+    );
+}
+
+async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    // `name` is a full series: the metric name with its labels, exactly as exposed.
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_accepted_duplicate_and_rejected_posts_and_pipeline_work() {
+    let app = TestApp::with_kafka().await;
+    let body = contact_event(
+        "contact.created",
+        "evt_m1",
+        "contact-m",
+        "2025-05-19T00:00:00Z",
+    )
+    .to_string();
+    assert_eq!(app.post_signed(&body).await.status(), 200);
+    assert_eq!(app.post_signed(&body).await.status(), 200);
+    assert_eq!(
+        app.post_with(&body, Some("sha256=00"), Some(&now_header()), &[])
+            .await
+            .status(),
+        401
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        1,
+        DRAIN,
+    )
+    .await;
+
+    assert_eq!(
+        metric(&app, "webhook_requests_total{outcome=\"accepted\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&app, "webhook_requests_total{outcome=\"duplicate\"}").await,
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &app,
+            "webhook_rejections_total{reason=\"signature_invalid\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(metric(&app, "relay_published_total").await, 1.0);
+    assert_eq!(metric(&app, "consumer_processed_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_broker() {
+    let mut broker = OwnBroker::start();
+    let url = fresh_database().await;
+    let mut config = test_config(&url);
+    config.kafka.brokers = Some(broker.brokers());
+    let app = TestApp::start(config, Roles::HTTP).await;
+    let ready = |app: &TestApp| {
+        let request = app.client.get(app.url("/readyz"));
+        async move {
+            let response = request.send().await.expect("readyz");
+            (
+                response.status().as_u16(),
+                response.json::<Value>().await.expect("json"),
+            )
+        }
+    };
+    assert_eq!(ready(&app).await.0, 200);
+    broker.stop();
+    let (status, body) = ready(&app).await;
+    assert_eq!(status, 503);
+    let kafka = body["dependencies"]
+        .as_array()
+        .expect("deps")
+        .iter()
+        .find(|d| d["name"] == "kafka")
+        .cloned()
+        .expect("kafka");
+    assert_eq!(kafka["up"], false);
+    broker.restart();
+    assert_eq!(ready(&app).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_needs_its_token_and_pages_every_event_exactly_once() {
+    let url = fresh_database().await;
+    let mut config = test_config(&url);
+    config.admin.token = Some(Secret::new("admin-token-for-tests"));
+    let app = TestApp::start(config, Roles::HTTP).await;
+    let list = app.url("/api/admin/events?limit=7");
+    assert_eq!(
+        app.client.get(&list).send().await.expect("sent").status(),
+        401
+    );
+    assert_eq!(
+        app.client
+            .get(&list)
+            .bearer_auth("wrong-token")
+            .send()
+            .await
+            .expect("sent")
+            .status(),
+        401
+    );
+
+    for i in 0..30 {
+        let body = contact_event(
+            "contact.created",
+            &format!("evt-page-{i}"),
+            "contact-page",
+            "2025-05-19T00:00:00Z",
+        );
+        assert_eq!(app.post_signed_json(&body).await.status(), 200);
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut extra = 30;
+    loop {
+        let page_url = match &cursor {
+            Some(c) => format!("{list}&cursor={c}"),
+            None => list.clone(),
+        };
+        let page: Value = app
+            .client
+            .get(&page_url)
+            .bearer_auth("admin-token-for-tests")
+            .send()
+            .await
+            .expect("sent")
+            .json()
+            .await
+            .expect("json");
+        for event in page["events"].as_array().expect("events") {
+            seen.push(event["eventId"].as_str().expect("id").to_owned());
+        }
+        // New events keep arriving while we page.
+        let body = contact_event(
+            "contact.created",
+            &format!("evt-page-{extra}"),
+            "contact-page",
+            "2025-05-19T00:00:00Z",
+        );
+        assert_eq!(app.post_signed_json(&body).await.status(), 200);
+        extra += 1;
+        match page["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let unique: BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no event twice");
+    for i in 0..30 {
+        assert!(
+            unique.contains(&format!("evt-page-{i}")),
+            "evt-page-{i} missing"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_token_the_admin_api_does_not_exist() {
+    let app = TestApp::http_only().await;
+    let response = app
+        .client
+        .get(app.url("/api/admin/outbox"))
+        .bearer_auth("anything-at-all")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrying_a_failed_event_through_the_admin_api_processes_it() {
+    use sea_orm::ConnectionTrait;
+    let url = fresh_database().await;
+    let mut config = test_config(&url);
+    config.kafka.brokers = Some(kafka_brokers());
+    config.admin.token = Some(Secret::new("admin-token-for-tests"));
+    let app = TestApp::start(config, Roles::ALL).await;
+    // An event that failed earlier (say, before a fix was deployed).
+    let payload = contact_event(
+        "contact.created",
+        "evt_failed",
+        "contact-f",
+        "2025-05-19T00:00:00Z",
+    );
+    app.db
+        .execute_unprepared(&format!(
+            "INSERT INTO webhook_events (event_id, event_type, contact_id, payload, status, error, attempts) \
+             VALUES ('evt_failed', 'contact.created', 'contact-f', '{payload}', 'failed', 'boom', 1)"
+        ))
+        .await
+        .expect("failed event inserted");
+    let retry = app.url("/api/admin/events/evt_failed/retry");
+    assert_eq!(
+        app.client.post(&retry).send().await.expect("sent").status(),
+        401
+    );
+    let response = app
+        .client
+        .post(&retry)
+        .bearer_auth("admin-token-for-tests")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.json::<Value>().await.expect("json")["requeued"], 1);
+    app.wait_for_count("SELECT COUNT(*) FROM webhook_events WHERE event_id = 'evt_failed' AND status = 'processed' AND error IS NULL", 1, DRAIN).await;
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM contacts WHERE id = 'contact-f'")
+            .await,
+        1
+    );
+    // A processed event cannot be retried.
+    let again = app
+        .client
+        .post(&retry)
+        .bearer_auth("admin-token-for-tests")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(again.status(), 409);
+    let detail: Value = app
+        .client
+        .get(app.url("/api/admin/events/evt_failed"))
+        .bearer_auth("admin-token-for-tests")
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(detail["status"], "processed");
+    assert_eq!(detail["outbox"].as_array().expect("outbox").len(), 1);
+}
