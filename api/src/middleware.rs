@@ -27,8 +27,7 @@ pub async fn observe<E: Endpoint>(next: E, request: Request) -> poem::Result<Res
             _ => None,
         };
         if let Some(reason) = reason {
-            metrics::counter!("webhook_requests_total", "outcome" => "rejected").increment(1);
-            metrics::counter!("webhook_rejections_total", "reason" => reason).increment(1);
+            crate::routes::webhooks::count_rejection(reason);
         }
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {

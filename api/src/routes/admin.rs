@@ -222,15 +222,7 @@ impl AdminApi {
         if let Some(status) = status.0 {
             query = query.filter(webhook_event::Column::Status.eq(status.as_str()));
         }
-        if let Some(event_type) = event_type.0 {
-            query = query.filter(webhook_event::Column::EventType.eq(event_type));
-        }
-        if let Some(since) = since.0 {
-            query = query.filter(webhook_event::Column::CreatedAt.gte(since));
-        }
-        if let Some(until) = until.0 {
-            query = query.filter(webhook_event::Column::CreatedAt.lt(until));
-        }
+        query = query.filter(type_and_time(event_type.0.as_deref(), since.0, until.0));
         if let Some(cursor) = cursor.0 {
             let before: i64 = cursor.parse().map_err(|_| {
                 ApiError::bad_request(
@@ -337,16 +329,7 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         filter: Json<RetryFilter>,
     ) -> ApiResult<Json<RetryResult>> {
-        let mut condition = sea_orm::Condition::all();
-        if let Some(event_type) = &filter.event_type {
-            condition = condition.add(webhook_event::Column::EventType.eq(event_type.clone()));
-        }
-        if let Some(since) = filter.since {
-            condition = condition.add(webhook_event::Column::CreatedAt.gte(since));
-        }
-        if let Some(until) = filter.until {
-            condition = condition.add(webhook_event::Column::CreatedAt.lt(until));
-        }
+        let condition = type_and_time(filter.event_type.as_deref(), filter.since, filter.until);
         let requeued = requeue_failed(&state.db, &state.config.kafka, condition)
             .await
             .map_err(db_error)?;
@@ -368,6 +351,18 @@ impl AdminApi {
     ) -> ApiResult<Json<OutboxSummary>> {
         backlog(&state.db).await.map(Json).map_err(db_error)
     }
+}
+
+/// Events of `event_type` (if given) received in `[since, until)` (each bound if given).
+fn type_and_time(
+    event_type: Option<&str>,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> sea_orm::Condition {
+    sea_orm::Condition::all()
+        .add_option(event_type.map(|t| webhook_event::Column::EventType.eq(t)))
+        .add_option(since.map(|t| webhook_event::Column::CreatedAt.gte(t)))
+        .add_option(until.map(|t| webhook_event::Column::CreatedAt.lt(t)))
 }
 
 async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhook_event::Model> {

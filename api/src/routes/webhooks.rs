@@ -29,10 +29,15 @@ pub enum WebhookResponse {
     Ok(Json<WebhookAck>),
 }
 
-/// Counts a rejection by its (bounded) reason and passes the error on.
-fn reject(reason: &'static str, error: ApiError) -> ApiError {
+/// Counts one refused webhook by its (bounded) reason.
+pub fn count_rejection(reason: &'static str) {
     metrics::counter!("webhook_requests_total", "outcome" => "rejected").increment(1);
     metrics::counter!("webhook_rejections_total", "reason" => reason).increment(1);
+}
+
+/// Counts a rejection by its reason and passes the error on.
+fn reject(reason: &'static str, error: ApiError) -> ApiError {
+    count_rejection(reason);
     tracing::info!(reason, "webhook rejected");
     error
 }
