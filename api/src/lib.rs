@@ -8,6 +8,7 @@ pub mod db;
 pub mod dev;
 pub mod error;
 pub mod ingest;
+pub mod loadgen;
 pub mod middleware;
 pub mod raw_body;
 pub mod routes;

@@ -2,6 +2,7 @@
 //! Run them with `scripts/test`, which provides both.
 mod embedded;
 mod ingest;
+mod loadgen;
 mod operations;
 mod pipeline;
 mod support;
