@@ -154,6 +154,67 @@ async fn metrics_count_accepted_duplicate_and_rejected_posts_and_pipeline_work()
     assert_eq!(metric(&app, "consumer_processed_total").await, 1.0);
 }
 
+/// Polls `/metrics` until `series` equals `expected`.
+async fn wait_for_metric(app: &TestApp, series: &str, expected: f64) {
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    loop {
+        let value = metric(app, series).await;
+        if value == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} stayed {value}, expected {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What ops watch: with no relay running the backlog gauges show rows piling up and getting
+/// older; once a relay runs they drain to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_gauges_show_a_stopped_relay_and_drain_after_it_starts() {
+    let app = TestApp::http_only().await; // no relay in this process yet
+    for i in 0..5 {
+        let body = contact_event(
+            "contact.created",
+            &format!("evt_backlog_{i}"),
+            &format!("contact-b{i}"),
+            "2025-05-19T00:00:00Z",
+        );
+        assert_eq!(app.post_signed_json(&body).await.status(), 200);
+    }
+    let topic = app.config.kafka.topic_for("contact.created");
+    wait_for_metric(&app, "outbox_pending_total", 5.0).await;
+    wait_for_metric(&app, &format!("outbox_pending{{topic=\"{topic}\"}}"), 5.0).await;
+    let age = metric(&app, "outbox_oldest_claimable_age_seconds_max").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let later = metric(&app, "outbox_oldest_claimable_age_seconds_max").await;
+    assert!(
+        later >= age + 1.0,
+        "the oldest row's age grows while nothing relays ({age} s, then {later} s)"
+    );
+
+    // Start the relay and the consumer (in-process bus) on the same database.
+    let _workers = TestApp::start(
+        app.config.clone(),
+        Roles {
+            http: false,
+            relay: true,
+            consumer: true,
+        },
+    )
+    .await;
+    wait_for_metric(&app, "outbox_pending_total", 0.0).await;
+    wait_for_metric(&app, "outbox_oldest_claimable_age_seconds_max", 0.0).await;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        5,
+        DRAIN,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_follows_the_broker() {
     let mut broker = OwnBroker::start();
