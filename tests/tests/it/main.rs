@@ -5,4 +5,5 @@ mod embedded;
 mod ingest;
 mod operations;
 mod pipeline;
+mod process;
 mod support;
