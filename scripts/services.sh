@@ -55,6 +55,18 @@ ensure_nextest() {
   cargo install cargo-nextest --locked
 }
 
+# Headless Chromium for the test that renders the Swagger UI (Debian's `chromium` package).
+# Exports ACME_TEST_CHROMIUM.
+ensure_chromium() {
+  local chromium=${ACME_TEST_CHROMIUM:-}
+  [ -z "$chromium" ] && chromium=$(command -v chromium || command -v chromium-browser || true)
+  if [ -z "$chromium" ]; then
+    apt_install chromium
+    chromium=$(command -v chromium)
+  fi
+  export ACME_TEST_CHROMIUM=$chromium
+}
+
 pg_accepts() { # url
   command -v psql >/dev/null && PGCONNECT_TIMEOUT=3 psql "$1" -w -tAc 'select 1' >/dev/null 2>&1
 }

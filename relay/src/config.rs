@@ -51,11 +51,18 @@ pub struct RelayConfig {
     pub poll_interval_ms: u64,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
+    /// Re-publish rows whose event is still `pending` this long after delivery (0: never).
+    pub republish_after_secs: u64,
 }
 
 impl RelayConfig {
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
+    }
+
+    /// `None` when the safety net is off.
+    pub fn republish_after(&self) -> Option<Duration> {
+        (self.republish_after_secs > 0).then(|| Duration::from_secs(self.republish_after_secs))
     }
 }
 

@@ -38,6 +38,7 @@ pub async fn handle_with_retry(
         match processor.handle(message).await {
             Ok(handled) => {
                 metrics::counter!("consumer_processed_total").increment(1);
+                tracing::debug!(?handled, "processed");
                 return Some(Disposition::Done(handled));
             }
             Err(ProcessError::Permanent(error)) => break error,

@@ -11,9 +11,11 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
+use tracing::Instrument;
 
 use crate::bus::BusMessage;
 use crate::config::KafkaConfig;
+use crate::event::HEADER_EVENT_ID;
 
 /// Base settings shared by every client: brokers, then the pass-through properties.
 pub fn client_config(config: &KafkaConfig) -> ClientConfig {
@@ -146,9 +148,24 @@ impl KafkaPublisher {
                 .key(&message.key)
                 .payload(&message.payload)
                 .headers(headers);
+            let span = tracing::info_span!("publish",
+                event_id = message.header(HEADER_EVENT_ID).unwrap_or("?"), topic = %message.topic);
             // Timeout::Never: a full local queue waits for room instead of failing the row;
             // `message.timeout.ms` still bounds how long a delivery may take.
-            producer.send(record, Timeout::Never)
+            let delivery = producer.send(record, Timeout::Never);
+            async move {
+                let report = delivery.await;
+                match &report {
+                    Ok(delivered) => tracing::debug!(
+                        partition = delivered.partition,
+                        offset = delivered.offset,
+                        "delivered"
+                    ),
+                    Err((error, _)) => tracing::debug!(%error, "not delivered"),
+                }
+                report
+            }
+            .instrument(span)
         });
         let reports: Vec<Result<(), String>> = futures::future::join_all(deliveries)
             .await

@@ -2,14 +2,14 @@
 //! for every delivery report, then marks the delivered rows published in the claiming transaction.
 //! A row is never marked published without a delivery report; a relay that dies mid-batch rolls
 //! back and another relay (or its restart) publishes the rows again.
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use entity::outbox;
+use entity::{outbox, webhook_event};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
 use sea_orm::{
-    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, QueryTrait, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -128,12 +128,64 @@ impl OutboxRelay {
         Ok(step)
     }
 
+    /// The safety net: rows delivered more than `after` ago whose event is still `pending` are
+    /// made unpublished again, so the next batch publishes them once more. Only the newest row
+    /// of an event counts (an admin retry adds one). Returns how many rows were re-queued.
+    pub async fn republish_stale(&self, after: Duration) -> Result<u64, DbErr> {
+        let cutoff = Utc::now() - after;
+        let backend = self.db.get_database_backend();
+        // `$n` placeholders are understood by both PostgreSQL and SQLite.
+        let sql = "UPDATE outbox SET published_at = NULL, next_attempt_at = $1, last_error = $2 \
+            WHERE id IN ( \
+              SELECT MAX(o.id) FROM outbox o JOIN webhook_events e ON e.event_id = o.event_id \
+              WHERE e.status = $3 AND e.created_at < $4 \
+              GROUP BY o.event_id \
+              HAVING SUM(CASE WHEN o.published_at IS NULL THEN 1 ELSE 0 END) = 0 \
+                 AND MAX(o.published_at) < $4)";
+        let note = format!(
+            "re-published: event still pending {} s after delivery",
+            after.as_secs()
+        );
+        let result = self
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [
+                    Utc::now().into(),
+                    note.into(),
+                    webhook_event::STATUS_PENDING.into(),
+                    cutoff.into(),
+                ],
+            ))
+            .await?;
+        let requeued = result.rows_affected();
+        if requeued > 0 {
+            metrics::counter!("relay_republished_total").increment(requeued);
+            tracing::warn!(
+                requeued,
+                "events still pending long after delivery; publishing them again"
+            );
+        }
+        Ok(requeued)
+    }
+
     /// Relays until `shutdown`: full batches back to back, otherwise waits for a wake-up or the
     /// poll interval. A batch in flight at shutdown is finished (its deliveries are awaited).
     pub async fn run(self, wakeup: OutboxWakeup, shutdown: CancellationToken) {
         let mut waiter = wakeup.waiter(&self.db).await;
         let mut failures = 0u32;
+        let mut last_sweep = Instant::now();
         while !shutdown.is_cancelled() {
+            if let Some(after) = self.config.republish_after()
+                && last_sweep.elapsed()
+                    >= (after / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+            {
+                last_sweep = Instant::now();
+                if let Err(error) = self.republish_stale(after).await {
+                    tracing::warn!(%error, "could not look for stale pending events");
+                }
+            }
             let idle = match self.relay_once().await {
                 Ok(step) => {
                     failures = 0;
@@ -168,7 +220,7 @@ impl OutboxRelay {
             }
         }
         if let Publisher::Kafka(kafka) = &self.publisher {
-            kafka.flush(std::time::Duration::from_secs(5)).await;
+            kafka.flush(Duration::from_secs(5)).await;
         }
         tracing::info!("relay stopped");
     }
@@ -177,7 +229,6 @@ impl OutboxRelay {
 /// Embedded mode only: the in-process bus forgets its queue when the process stops, so rows of
 /// events that are still pending are published again at start (processing is idempotent).
 pub async fn requeue_pending_in_process(db: &DatabaseConnection) -> Result<u64, DbErr> {
-    use entity::webhook_event;
     let pending = webhook_event::Entity::find()
         .select_only()
         .column(webhook_event::Column::EventId)

@@ -123,13 +123,14 @@ impl WebhookApi {
         let outcome = state
             .writer
             .ingest(event)
-            .instrument(span)
+            .instrument(span.clone())
             .await
             .map_err(|error| {
                 metrics::counter!("webhook_requests_total", "outcome" => "error").increment(1);
                 ApiError::internal("storing the webhook failed", &error)
             })?;
         metrics::histogram!("webhook_ingest_seconds").record(started.elapsed().as_secs_f64());
+        let _in_span = span.enter(); // no await below: the outcome is logged with the event id
         let status = match outcome {
             IngestOutcome::Accepted => {
                 metrics::counter!("webhook_requests_total", "outcome" => "accepted").increment(1);

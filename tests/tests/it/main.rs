@@ -1,8 +1,10 @@
 //! Integration tests against real PostgreSQL and a real Kafka-protocol broker (Tansu).
 //! Run them with `scripts/test`, which provides both.
+mod docs;
 mod embedded;
 mod ingest;
 mod loadgen;
 mod operations;
 mod pipeline;
+mod process;
 mod support;

@@ -402,3 +402,73 @@ async fn rows_wait_out_a_broker_outage_and_are_published_after_it() {
     let expected: BTreeSet<String> = (10..20).map(|i| format!("evt-o-{i}")).collect();
     assert_eq!(ids, expected);
 }
+
+/// A message that was delivered but never reached the consumer (lost by the broker, expired by
+/// retention, a topic deleted by hand) is published again once its event has stayed `pending`
+/// for `relay.republish_after_secs`, and then processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_lost_on_the_bus_is_published_again_and_processed() {
+    let url = fresh_database().await;
+    let mut config = test_config(&url);
+    config.kafka.brokers = Some(kafka_brokers());
+    let ingest = TestApp::start(config.clone(), Roles::HTTP).await;
+    let body = contact_event(
+        "contact.created",
+        "evt_lost_1",
+        "contact-lost",
+        "2025-05-19T00:00:00Z",
+    );
+    assert_eq!(ingest.post_signed_json(&body).await.status(), 200);
+    // As if the relay had delivered it an hour ago and the broker had then lost it.
+    ingest
+        .count(
+            "WITH lost AS (UPDATE outbox SET published_at = now() - interval '1 hour', attempts = 1 \
+             RETURNING 1) SELECT COUNT(*) FROM lost",
+        )
+        .await;
+
+    config.relay.republish_after_secs = 1;
+    let _workers = TestApp::start(
+        config.clone(),
+        Roles {
+            http: false,
+            relay: true,
+            consumer: true,
+        },
+    )
+    .await;
+    ingest
+        .wait_for_count(
+            "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+            1,
+            DRAIN,
+        )
+        .await;
+    assert_eq!(
+        ingest
+            .count(
+                "SELECT COUNT(*) FROM outbox WHERE attempts = 2 AND published_at IS NOT NULL \
+                 AND last_error LIKE 're-published%'"
+            )
+            .await,
+        1,
+        "the row was published a second time and says why"
+    );
+    let topics = vec![config.kafka.topic_for("contact.created")];
+    let messages = read_topics(&kafka_brokers(), &topics, 2, Duration::from_secs(5)).await;
+    assert_eq!(
+        messages.len(),
+        1,
+        "only the re-published copy is on the topic"
+    );
+    assert_eq!(
+        ingest
+            .client
+            .get(ingest.url("/api/contacts/contact-lost"))
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        200
+    );
+}

@@ -26,7 +26,7 @@ pub fn kafka_brokers() -> String {
         .expect("ACME_TEST_KAFKA_BROKERS is not set: run the tests with scripts/test")
 }
 
-fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
