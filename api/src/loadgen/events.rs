@@ -52,11 +52,26 @@ pub struct EventSpec {
     pub updated_ms: i64,
 }
 
-const FIRST_NAMES: [&str; 8] = [
-    "John", "Maria", "Wei", "Aisha", "Lars", "Sofia", "Kenji", "Amara",
+/// Names with their lower-case form for the e-mail address (no per-request lower-casing).
+const FIRST_NAMES: [(&str, &str); 8] = [
+    ("John", "john"),
+    ("Maria", "maria"),
+    ("Wei", "wei"),
+    ("Aisha", "aisha"),
+    ("Lars", "lars"),
+    ("Sofia", "sofia"),
+    ("Kenji", "kenji"),
+    ("Amara", "amara"),
 ];
-const LAST_NAMES: [&str; 8] = [
-    "Smith", "Garcia", "Chen", "Okafor", "Nilsson", "Rossi", "Tanaka", "Mensah",
+const LAST_NAMES: [(&str, &str); 8] = [
+    ("Smith", "smith"),
+    ("Garcia", "garcia"),
+    ("Chen", "chen"),
+    ("Okafor", "okafor"),
+    ("Nilsson", "nilsson"),
+    ("Rossi", "rossi"),
+    ("Tanaka", "tanaka"),
+    ("Mensah", "mensah"),
 ];
 const COMPANIES: [&str; 4] = [
     "Acme Inc",
@@ -124,8 +139,8 @@ impl EventFactory {
             .unwrap_or_default()
             .to_rfc3339_opts(SecondsFormat::Millis, true);
         let c = spec.contact as usize;
-        let first = FIRST_NAMES[c % FIRST_NAMES.len()];
-        let last = LAST_NAMES[(c / FIRST_NAMES.len()) % LAST_NAMES.len()];
+        let (first, first_l) = FIRST_NAMES[c % FIRST_NAMES.len()];
+        let (last, last_l) = LAST_NAMES[(c / FIRST_NAMES.len()) % LAST_NAMES.len()];
         // Writing into a String cannot fail; the results are ignored for that reason.
         let _ = write!(
             out,
@@ -160,8 +175,8 @@ impl EventFactory {
             ),
             first = first,
             last = last,
-            first_l = first.to_ascii_lowercase(),
-            last_l = last.to_ascii_lowercase(),
+            first_l = first_l,
+            last_l = last_l,
             c = c,
             p1 = c % 1000,
             p2 = (spec.seq % 10_000),
