@@ -9,7 +9,9 @@ use serde_json::{Value, json};
 #[handler]
 async fn receive(body: Body) -> poem::Result<Json<Value>> {
     let bytes = body.into_bytes().await?;
-    Ok(Json(json!({ "eventId": "bare", "status": "accepted", "bytes": bytes.len() })))
+    Ok(Json(
+        json!({ "eventId": "bare", "status": "accepted", "bytes": bytes.len() }),
+    ))
 }
 
 #[tokio::main]

@@ -38,7 +38,9 @@ async fn main() -> anyhow::Result<()> {
         .set("linger.ms", "2")
         .create()?;
     let payload = vec![b'x'; size];
-    let keys: Vec<String> = (0..count).map(|i| format!("contact-{}", i % 1000)).collect();
+    let keys: Vec<String> = (0..count)
+        .map(|i| format!("contact-{}", i % 1000))
+        .collect();
     let ids: Vec<String> = (0..count).map(|i| format!("evt-raw-{i}")).collect();
     let started = Instant::now();
     let deliveries = (0..count).map(|i| {

@@ -70,6 +70,8 @@ impl RelayConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
+    /// Messages applied per database transaction, at most.
+    pub batch_max: usize,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
 }

@@ -4,18 +4,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::Message;
+use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::bus::BusMessage;
 use crate::config::{ConsumerConfig, KafkaConfig, backoff};
 use crate::event::{HEADER_ERROR, HEADER_EVENT_ID};
 use crate::kafka::KafkaPublisher;
-use crate::processor::{EventProcessor, Handled, ProcessError};
+use crate::processor::{EventProcessor, Handled};
 
 /// The final fate of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,38 +25,52 @@ pub enum Disposition {
     DeadLetter(String),
 }
 
-/// Handles `message` until it is done or permanently failed. `None` when shutdown interrupted
-/// the retries: the message must not be acknowledged.
-pub async fn handle_with_retry(
+/// Handles a batch until every message is done or permanently failed (those are already marked
+/// `failed` and come back as `DeadLetter`). Transient failures retry the whole batch with
+/// backoff. `None` when shutdown interrupted the retries: nothing may be acknowledged.
+pub async fn handle_batch_with_retry(
     processor: &EventProcessor,
-    message: &BusMessage,
+    messages: &[BusMessage],
     config: &ConsumerConfig,
     shutdown: &CancellationToken,
-) -> Option<Disposition> {
+) -> Option<Vec<Disposition>> {
     let mut attempt = 0u32;
-    let error = loop {
-        match processor.handle(message).await {
-            Ok(handled) => {
-                metrics::counter!("consumer_processed_total").increment(1);
-                tracing::debug!(?handled, "processed");
-                return Some(Disposition::Done(handled));
+    loop {
+        match processor.handle_batch(messages).await {
+            Ok(outcomes) => {
+                metrics::histogram!("consumer_batch_size").record(messages.len() as f64);
+                let dispositions: Vec<Disposition> = outcomes
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        Ok(handled) => Disposition::Done(handled),
+                        Err(error) => Disposition::DeadLetter(error),
+                    })
+                    .collect();
+                let failed = dispositions
+                    .iter()
+                    .filter(|d| matches!(d, Disposition::DeadLetter(_)))
+                    .count();
+                metrics::counter!("consumer_processed_total")
+                    .increment((dispositions.len() - failed) as u64);
+                metrics::counter!("consumer_failed_total").increment(failed as u64);
+                for (message, disposition) in messages.iter().zip(&dispositions) {
+                    let _span = span_for(message).entered();
+                    match disposition {
+                        Disposition::Done(handled) => tracing::debug!(?handled, "processed"),
+                        Disposition::DeadLetter(error) => {
+                            tracing::error!(%error, "event cannot be processed; dead-lettering it");
+                        }
+                    }
+                }
+                return Some(dispositions);
             }
-            Err(ProcessError::Permanent(error)) => break error,
-            Err(ProcessError::Transient(error)) => {
+            Err(error) => {
                 metrics::counter!("consumer_retries_total").increment(1);
-                tracing::warn!(%error, attempt, "processing failed; retrying");
+                tracing::warn!(%error, attempt, batch = messages.len(), "processing failed; retrying");
                 pause(config, &mut attempt, shutdown).await?;
             }
         }
-    };
-    tracing::error!(%error, "event cannot be processed; dead-lettering it");
-    metrics::counter!("consumer_failed_total").increment(1);
-    let mut attempt = 0u32;
-    while let Err(db_error) = processor.mark_failed(message, &error).await {
-        tracing::warn!(error = %db_error, "could not record the failure; retrying");
-        pause(config, &mut attempt, shutdown).await?;
     }
-    Some(Disposition::DeadLetter(error))
 }
 
 /// Sleeps the next backoff step; `None` if shutdown came first.
@@ -73,26 +87,30 @@ async fn pause(
     }
 }
 
-fn span_for(message: &BusMessage) -> tracing::Span {
+pub(crate) fn span_for(message: &BusMessage) -> tracing::Span {
     tracing::info_span!("consume", event_id = message.header(HEADER_EVENT_ID).unwrap_or("?"), topic = %message.topic)
 }
 
-/// Consumer over the in-process bus (embedded mode).
+/// Consumer over the in-process bus (embedded mode): takes what is queued, up to `batch_max`.
 pub async fn run_in_process(
     processor: EventProcessor,
     mut receiver: mpsc::Receiver<BusMessage>,
     config: ConsumerConfig,
     shutdown: CancellationToken,
 ) {
+    let mut batch = Vec::with_capacity(config.batch_max);
     loop {
-        let message = tokio::select! {
+        batch.clear();
+        let received = tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            message = receiver.recv() => match message { Some(m) => m, None => break },
+            received = receiver.recv_many(&mut batch, config.batch_max) => received,
         };
-        let span = span_for(&message);
-        if handle_with_retry(&processor, &message, &config, &shutdown)
-            .instrument(span)
+        if received == 0 {
+            break; // every sender is gone
+        }
+        // Permanent failures are already marked `failed`; there is no dead-letter topic here.
+        if handle_batch_with_retry(&processor, &batch, &config, &shutdown)
             .await
             .is_none()
         {
@@ -128,47 +146,58 @@ impl KafkaEventConsumer {
         })
     }
 
-    /// Consumes until `shutdown`, then commits what was handled.
+    /// Consumes until `shutdown`. Takes the messages already fetched (up to
+    /// `consumer.batch_max`), applies them in one database transaction, dead-letters the ones
+    /// that can never be applied, and only then commits the offsets past the batch.
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut batch: Vec<BusMessage> = Vec::with_capacity(self.config.batch_max);
         loop {
             let received = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
                 received = self.consumer.recv() => received,
             };
-            let message = match received {
-                Ok(message) => message,
+            batch.clear();
+            let mut positions = TopicPartitionList::new();
+            match received {
+                Ok(message) => take(&message, &mut batch, &mut positions),
                 Err(error) => {
                     tracing::warn!(%error, "consumer error");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
-            };
-            let bus_message = to_bus_message(&message);
-            let span = span_for(&bus_message);
-            let handled = async {
-                match handle_with_retry(&self.processor, &bus_message, &self.config, &shutdown)
-                    .await?
-                {
-                    Disposition::Done(_) => Some(()),
-                    Disposition::DeadLetter(error) => {
-                        self.dead_letter(&bus_message, &error, &shutdown).await
+            }
+            while batch.len() < self.config.batch_max {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(message)) => take(&message, &mut batch, &mut positions),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "consumer error");
+                        break;
                     }
+                    None => break, // nothing more fetched yet
                 }
             }
-            .instrument(span)
-            .await;
-            if handled.is_none() {
-                break; // shutting down mid-message: leave it uncommitted, it will be redelivered
+            let Some(dispositions) =
+                handle_batch_with_retry(&self.processor, &batch, &self.config, &shutdown).await
+            else {
+                break; // shutting down mid-batch: leave it uncommitted, it will be redelivered
+            };
+            let mut dead_lettered = true;
+            for (message, disposition) in batch.iter().zip(&dispositions) {
+                if let Disposition::DeadLetter(error) = disposition
+                    && self.dead_letter(message, error, &shutdown).await.is_none()
+                {
+                    dead_lettered = false;
+                    break;
+                }
             }
-            if let Err(error) = self.consumer.commit_message(&message, CommitMode::Async) {
-                tracing::warn!(%error, "offset commit failed; the message may be redelivered");
+            if !dead_lettered {
+                break; // shutdown before the dead letters were out: redeliver the batch
+            }
+            if let Err(error) = self.consumer.commit(&positions, CommitMode::Async) {
+                tracing::warn!(%error, "offset commit failed; the batch may be redelivered");
             }
         }
-        let consumer = self.consumer.clone();
-        let _ =
-            tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
-                .await;
         tracing::info!("consumer stopped");
     }
 
@@ -249,6 +278,24 @@ impl LagReporter {
             }
             Ok(Err(error)) => tracing::debug!(%error, "consumer lag unavailable"),
             Err(error) => tracing::debug!(%error, "consumer lag task failed"),
+        }
+    }
+}
+
+/// Adds `message` to the batch and moves its partition's commit position past it.
+fn take(
+    message: &BorrowedMessage<'_>,
+    batch: &mut Vec<BusMessage>,
+    positions: &mut TopicPartitionList,
+) {
+    batch.push(to_bus_message(message));
+    let next = Offset::Offset(message.offset() + 1);
+    match positions.find_partition(message.topic(), message.partition()) {
+        Some(mut element) => {
+            let _ = element.set_offset(next);
+        }
+        None => {
+            let _ = positions.add_partition_offset(message.topic(), message.partition(), next);
         }
     }
 }
