@@ -174,6 +174,11 @@ impl Service {
             if !embedded_bus && config.kafka.create_topics {
                 relay = relay.recreate_topics_after_failures(config.kafka.clone());
             }
+            // Several loops overlap one batch's database work with another's delivery wait;
+            // SKIP LOCKED keeps their batches apart.
+            for _ in 1..config.relay.workers {
+                tasks.spawn(relay.clone().run(wakeup.clone(), shutdown.clone()));
+            }
             tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
         }
         if roles.consumer {

@@ -48,6 +48,8 @@ impl KafkaConfig {
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
     pub batch_size: u64,
+    /// Relay loops per process, each claiming its own batches.
+    pub workers: usize,
     pub poll_interval_ms: u64,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,

@@ -201,6 +201,12 @@ pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, Kafk
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
+    // librdkafka's default (500 ms) is how long a fetch may wait for data. Kafka answers as soon
+    // as data arrives, but some brokers (Tansu among them) hold every fetch that long, which
+    // becomes end-to-end latency. A configured value wins.
+    if client_config.get("fetch.wait.max.ms").is_none() {
+        client_config.set("fetch.wait.max.ms", "25");
+    }
     let topics: Vec<String> = crate::EVENT_TYPES
         .iter()
         .map(|t| config.topic_for(t))
