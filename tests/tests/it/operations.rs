@@ -79,18 +79,7 @@ async fn metrics_count_accepted_duplicate_and_rejected_posts_and_pipeline_work()
 
 /// Polls `/metrics` until `series` equals `expected`.
 async fn wait_for_metric(app: &TestApp, series: &str, expected: f64) {
-    let deadline = tokio::time::Instant::now() + DRAIN;
-    loop {
-        let value = metric(app, series).await;
-        if value == expected {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} stayed {value}, expected {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(series, expected, DRAIN, || metric(app, series)).await;
 }
 
 /// What ops watch: with no relay running the backlog gauges show rows piling up and getting

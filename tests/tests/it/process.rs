@@ -193,10 +193,11 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
 
     let _restarted = ServiceProcess::start(&config, &safety_net).await;
     let db = connect(&config).await;
-    wait_for(
+    wait_for_count(
         &db,
         "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
         acknowledged.len() as i64,
+        DRAIN,
     )
     .await;
     assert_eq!(
@@ -213,21 +214,6 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
         0,
         "each event was applied exactly once"
     );
-}
-
-async fn wait_for(db: &sea_orm::DatabaseConnection, sql: &str, expected: i64) {
-    let deadline = tokio::time::Instant::now() + DRAIN;
-    loop {
-        let got = count(db, sql).await;
-        if got == expected {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sql}: {got}, expected {expected}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// `log.format = "json"`: every line is a JSON object; the request id and the event id follow
@@ -268,10 +254,11 @@ async fn json_logs_carry_the_request_and_event_ids_and_no_secrets() {
         Some(&b"req-from-acme-42"[..])
     );
     let db = connect(&config).await;
-    wait_for(
+    wait_for_count(
         &db,
         "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
         1,
+        DRAIN,
     )
     .await;
     assert!(service.terminate().await.success());

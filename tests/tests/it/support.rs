@@ -158,18 +158,7 @@ impl TestApp {
 
     /// Waits until `sql` (a COUNT query) returns `expected`; panics with the last value otherwise.
     pub async fn wait_for_count(&self, sql: &str, expected: i64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let n = self.count(sql).await;
-            if n == expected {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "`{sql}` stayed at {n}, expected {expected}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for_count(&self.db, sql, expected, timeout).await;
     }
 
     pub async fn stop(&mut self) {
@@ -183,6 +172,36 @@ pub async fn connect(config: &Config) -> DatabaseConnection {
     Database::connect(config.database_url())
         .await
         .expect("connect to the test database")
+}
+
+/// Polls `probe` every 100 ms until it returns `expected`; panics naming `what` and the last
+/// value after `timeout`.
+pub async fn wait_until<T, F>(
+    what: &str,
+    expected: T,
+    timeout: Duration,
+    mut probe: impl FnMut() -> F,
+) where
+    T: PartialEq + std::fmt::Debug,
+    F: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = probe().await;
+        if value == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} stayed at {value:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `sql` (a COUNT query) returns `expected`.
+pub async fn wait_for_count(db: &DatabaseConnection, sql: &str, expected: i64, timeout: Duration) {
+    wait_until(&format!("`{sql}`"), expected, timeout, || count(db, sql)).await;
 }
 
 pub async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
