@@ -11,7 +11,7 @@ use entity::{outbox, webhook_event};
 use relay::config::KafkaConfig;
 use relay::event::{HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 use relay::wakeup::{NOTIFY_CHANNEL, OutboxWakeup};
-use sea_orm::sea_query::{OnConflict, Query};
+use sea_orm::sea_query::{OnConflict, PostgresQueryBuilder, Query};
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityName, Iden, Statement,
     TransactionTrait,
@@ -73,12 +73,44 @@ pub async fn store_events<C: ConnectionTrait>(
             now.into(),
         ]);
     }
-    let inserted: HashSet<String> = conn
-        .query_all(&insert)
+    let postgres = conn.get_database_backend() == DatabaseBackend::Postgres;
+    let inserted: HashSet<String> = if postgres {
+        // One statement: each event that was new gets its outbox row copied from it on the
+        // server, so the payload crosses the wire and is encoded once.
+        insert.returning(Query::returning().columns([
+            E::EventId,
+            E::EventType,
+            E::ContactId,
+            E::Payload,
+        ]));
+        let (sql, values) = insert.build(PostgresQueryBuilder);
+        let mut values = values.0;
+        let (prefix, at) = (values.len() + 1, values.len() + 2);
+        values.push(kafka.topic_prefix.clone().into());
+        values.push(now.into());
+        let sql = format!(
+            "WITH new_events AS ({sql}) \
+             INSERT INTO outbox (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) \
+             SELECT event_id, ${prefix} || '.' || event_type, contact_id, payload, \
+                    jsonb_build_object('{HEADER_EVENT_ID}', event_id, '{HEADER_EVENT_TYPE}', event_type), ${at}, ${at} \
+             FROM new_events ORDER BY event_id RETURNING event_id"
+        );
+        conn.query_all_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            sql,
+            values,
+        ))
         .await?
         .iter()
-        .map(|row| row.try_get::<String>("", &E::EventId.to_string()))
-        .collect::<Result<_, _>>()?;
+        .map(|row| row.try_get::<String>("", "event_id"))
+        .collect::<Result<_, _>>()?
+    } else {
+        conn.query_all(&insert)
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String>("", &E::EventId.to_string()))
+            .collect::<Result<_, _>>()?
+    };
 
     // The first occurrence of a new id is accepted; any later one in this batch is a duplicate.
     let mut claimed = HashSet::new();
@@ -93,20 +125,26 @@ pub async fn store_events<C: ConnectionTrait>(
         })
         .collect();
 
-    let new_rows: Vec<OutboxSource<'_>> = order
-        .iter()
-        .filter(|&&i| outcomes[i] == IngestOutcome::Accepted)
-        .map(|&i| {
-            let e = events[i];
-            (
-                e.event_id.as_str(),
-                e.event_type.as_str(),
-                e.contact_id.as_str(),
-                &e.payload,
-            )
-        })
-        .collect();
-    insert_outbox_rows(conn, kafka, &new_rows).await?;
+    if postgres {
+        if !inserted.is_empty() {
+            notify_relays(conn).await?;
+        }
+    } else {
+        let new_rows: Vec<OutboxSource<'_>> = order
+            .iter()
+            .filter(|&&i| outcomes[i] == IngestOutcome::Accepted)
+            .map(|&i| {
+                let e = events[i];
+                (
+                    e.event_id.as_str(),
+                    e.event_type.as_str(),
+                    e.contact_id.as_str(),
+                    &e.payload,
+                )
+            })
+            .collect();
+        insert_outbox_rows(conn, kafka, &new_rows).await?;
+    }
     Ok(outcomes)
 }
 
@@ -147,6 +185,11 @@ pub async fn insert_outbox_rows<C: ConnectionTrait>(
         ]);
     }
     conn.execute(&insert).await?;
+    notify_relays(conn).await
+}
+
+/// On Postgres, wakes the relays: the notification is delivered when the transaction commits.
+async fn notify_relays<C: ConnectionTrait>(conn: &C) -> Result<(), DbErr> {
     if conn.get_database_backend() == DatabaseBackend::Postgres {
         conn.execute_raw(Statement::from_string(
             DatabaseBackend::Postgres,
