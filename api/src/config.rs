@@ -316,6 +316,12 @@ mod tests {
                 "postgres://postgres@127.0.0.1/x",
             );
             jail.set_env("ACME_WEBHOOKS_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SSL");
+            // Numbers and booleans from the environment reach librdkafka as their text.
+            jail.set_env("ACME_WEBHOOKS_KAFKA__PROPERTIES__LINGER_MS", "5");
+            jail.set_env(
+                "ACME_WEBHOOKS_KAFKA__PROPERTIES__ENABLE_SSL_CERTIFICATE_VERIFICATION",
+                "false",
+            );
             let config = Config::load(None).expect("valid");
             assert_eq!(config.http.bind.to_string(), "0.0.0.0:9000");
             let secrets: Vec<&str> = config.webhook.secrets.iter().map(Secret::expose).collect();
@@ -323,6 +329,11 @@ mod tests {
             assert_eq!(config.webhook.allowed_ips[0].to_string(), "10.0.0.0/8");
             assert!(!config.is_embedded_database());
             assert_eq!(config.kafka.properties["security_protocol"], "SSL");
+            assert_eq!(config.kafka.properties["linger_ms"], "5");
+            assert_eq!(
+                config.kafka.properties["enable_ssl_certificate_verification"],
+                "false"
+            );
             Ok(())
         });
     }

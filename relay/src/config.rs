@@ -17,7 +17,9 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     pub message_timeout_ms: u64,
     /// Passed to every librdkafka client unchanged (security.protocol, sasl.*, ssl.*, ...).
-    #[serde(default)]
+    /// Numbers and booleans are taken as their text: `ACME_WEBHOOKS_KAFKA__PROPERTIES__LINGER_MS=5`
+    /// arrives as a number, and librdkafka wants "5".
+    #[serde(default, deserialize_with = "scalars_as_strings")]
     pub properties: BTreeMap<String, String>,
 }
 
@@ -41,6 +43,32 @@ impl KafkaConfig {
         topics.push(self.dlq_topic());
         topics
     }
+}
+
+fn scalars_as_strings<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Integer(i64),
+        Float(f64),
+        Flag(bool),
+    }
+    let raw = BTreeMap::<String, Scalar>::deserialize(deserializer)?;
+    Ok(raw
+        .into_iter()
+        .map(|(key, value)| {
+            let text = match value {
+                Scalar::Text(text) => text,
+                Scalar::Integer(n) => n.to_string(),
+                Scalar::Float(x) => x.to_string(),
+                Scalar::Flag(flag) => flag.to_string(),
+            };
+            (key, text)
+        })
+        .collect())
 }
 
 /// `[relay]`: outbox claiming and publish retries.
