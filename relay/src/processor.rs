@@ -4,8 +4,8 @@ use chrono::Utc;
 use entity::webhook_event::{self, STATUS_FAILED, STATUS_PENDING, STATUS_PROCESSED};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DatabaseTransaction, DbErr,
-    EntityTrait, QueryFilter, QuerySelect, TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect,
+    TransactionTrait,
 };
 use serde_json::Value;
 use tracing::Instrument;
@@ -47,13 +47,17 @@ impl EventProcessor {
 
     /// Handles one message in its own transaction; safe to call again with the same message.
     pub async fn handle(&self, message: &BusMessage) -> Result<Handled, ProcessError> {
-        handle_on(&self.db, message).await
+        let txn = self.db.begin().await?;
+        let handled = apply_message(&txn, message).await?; // an error drops (rolls back) txn
+        txn.commit().await?;
+        Ok(handled)
     }
 
-    /// Handles `messages`, in order, in ONE transaction: one commit for the whole batch. Each
-    /// message runs in a savepoint, so one that can never be applied is rolled back alone,
-    /// marked `failed` in the same transaction and reported as `Err(reason)` (dead-letter it).
-    /// A transient error rolls the whole batch back and is returned: retry the batch.
+    /// Handles `messages`, in order, in ONE transaction: one commit for the whole batch. A
+    /// message that can never be applied is found out before anything is written for it, so it
+    /// is marked `failed` in the same transaction and reported as `Err(reason)` (dead-letter
+    /// it) while the others go on. A transient error rolls the whole batch back and is
+    /// returned: retry the batch.
     pub async fn handle_batch(
         &self,
         messages: &[BusMessage],
@@ -61,7 +65,7 @@ impl EventProcessor {
         let txn = self.db.begin().await?;
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
-            let outcome = handle_on(&txn, message)
+            let outcome = apply_message(&txn, message)
                 .instrument(crate::consumer::span_for(message))
                 .await;
             outcomes.push(match outcome {
@@ -83,42 +87,34 @@ impl EventProcessor {
     }
 }
 
-/// Applies one message on `conn`: a transaction of its own, or a savepoint inside a batch.
-async fn handle_on<C>(conn: &C, message: &BusMessage) -> Result<Handled, ProcessError>
-where
-    C: TransactionTrait<Transaction = DatabaseTransaction>,
-{
+/// Applies one message inside the caller's transaction, in as few statements as it can: the
+/// event is claimed and marked `processed` by one UPDATE (which also locks it against a
+/// concurrent re-delivery), then the contact is changed. Permanent failures are decided before
+/// anything is written, so the transaction stays good for the next message of a batch.
+async fn apply_message<C: ConnectionTrait>(
+    conn: &C,
+    message: &BusMessage,
+) -> Result<Handled, ProcessError> {
     let payload: Value = serde_json::from_slice(&message.payload)
         .map_err(|e| ProcessError::Permanent(format!("payload is not JSON: {e}")))?;
-    let change = ContactChange::from_payload(&payload).map_err(|e| ProcessError::Permanent(e.0));
-    let event_id = match &change {
-        Ok(change) => change.event_id.clone(),
-        Err(_) => message
-            .header(HEADER_EVENT_ID)
-            .map(str::to_owned)
-            .or_else(|| payload.get("id").and_then(Value::as_str).map(str::to_owned))
-            .ok_or_else(|| ProcessError::Permanent("message carries no event id".into()))?,
+    let change = match ContactChange::from_payload(&payload) {
+        Ok(change) => change,
+        Err(unappliable) => {
+            let event_id = message
+                .header(HEADER_EVENT_ID)
+                .map(str::to_owned)
+                .or_else(|| payload.get("id").and_then(Value::as_str).map(str::to_owned))
+                .ok_or_else(|| ProcessError::Permanent("message carries no event id".into()))?;
+            return match event_status(conn, &event_id).await? {
+                Some(status) if status != STATUS_PENDING => Ok(Handled::AlreadyDone),
+                Some(_) => Err(ProcessError::Permanent(unappliable.0)),
+                None => Err(unknown_event(&event_id)),
+            };
+        }
     };
 
-    let txn = conn.begin().await?;
-    let mut find =
-        webhook_event::Entity::find().filter(webhook_event::Column::EventId.eq(&event_id));
-    if txn.get_database_backend() == DatabaseBackend::Postgres {
-        find = find.lock_exclusive();
-    }
-    let Some(event) = find.one(&txn).await? else {
-        return Err(ProcessError::Permanent(format!(
-            "unknown event id {event_id}"
-        )));
-    };
-    if event.status != STATUS_PENDING {
-        txn.commit().await?;
-        return Ok(Handled::AlreadyDone);
-    }
-    let change = change?;
-    let applied = projection::apply(&txn, &change).await?;
     let now = Utc::now();
-    webhook_event::Entity::update_many()
+    let claimed = webhook_event::Entity::update_many()
         .col_expr(webhook_event::Column::Status, Expr::value(STATUS_PROCESSED))
         .col_expr(webhook_event::Column::ProcessedAt, Expr::value(now))
         .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
@@ -130,11 +126,36 @@ where
             webhook_event::Column::Attempts,
             Expr::col(webhook_event::Column::Attempts).add(1),
         )
-        .filter(webhook_event::Column::Id.eq(event.id))
-        .exec(&txn)
-        .await?;
-    txn.commit().await?;
+        .filter(webhook_event::Column::EventId.eq(&change.event_id))
+        .filter(webhook_event::Column::Status.eq(STATUS_PENDING))
+        .exec(conn)
+        .await?
+        .rows_affected;
+    if claimed == 0 {
+        return match event_status(conn, &change.event_id).await? {
+            Some(_) => Ok(Handled::AlreadyDone),
+            None => Err(unknown_event(&change.event_id)),
+        };
+    }
+    let applied = projection::apply(conn, &change).await?;
     Ok(Handled::Processed(applied))
+}
+
+async fn event_status<C: ConnectionTrait>(
+    conn: &C,
+    event_id: &str,
+) -> Result<Option<String>, DbErr> {
+    webhook_event::Entity::find()
+        .select_only()
+        .column(webhook_event::Column::Status)
+        .filter(webhook_event::Column::EventId.eq(event_id))
+        .into_tuple::<String>()
+        .one(conn)
+        .await
+}
+
+fn unknown_event(event_id: &str) -> ProcessError {
+    ProcessError::Permanent(format!("unknown event id {event_id}"))
 }
 
 async fn mark_failed_on<C: ConnectionTrait>(
