@@ -11,11 +11,12 @@ use entity::{outbox, webhook_event};
 use relay::config::KafkaConfig;
 use relay::event::{HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 use relay::wakeup::{NOTIFY_CHANNEL, OutboxWakeup};
-use sea_orm::sea_query::{OnConflict, PostgresQueryBuilder, Query};
+use sea_orm::sea_query::{OnConflict, Query};
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityName, Iden, Statement,
     TransactionTrait,
 };
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -40,9 +41,96 @@ pub async fn store_events<C: ConnectionTrait>(
     if events.is_empty() {
         return Ok(Vec::new());
     }
+    let inserted = if conn.get_database_backend() == DatabaseBackend::Postgres {
+        insert_postgres(conn, kafka, events).await?
+    } else {
+        insert_portable(conn, kafka, events).await?
+    };
+    // The first occurrence of a new id is accepted; any later one in this batch is a duplicate.
+    let mut claimed = HashSet::new();
+    Ok(events
+        .iter()
+        .map(|e| {
+            if inserted.contains(&e.event_id) && claimed.insert(e.event_id.as_str()) {
+                IngestOutcome::Accepted
+            } else {
+                IngestOutcome::Duplicate
+            }
+        })
+        .collect())
+}
+
+/// One row of the batch document `insert_postgres` sends.
+#[derive(Serialize)]
+struct BatchRow<'a> {
+    event_id: &'a str,
+    event_type: &'a str,
+    contact_id: &'a str,
+    payload: &'a serde_json::Value,
+}
+
+/// PostgreSQL: ONE statement of a fixed shape, whatever the batch size, so every connection
+/// prepares and plans it once. The batch travels as one JSON document; each event that was new
+/// gets its outbox row copied from it on the server. Rows go in in event-id order, so two
+/// concurrent batches wait for each other's unique-index entries in the same order and cannot
+/// deadlock. Returns the ids that were new.
+async fn insert_postgres<C: ConnectionTrait>(
+    conn: &C,
+    kafka: &KafkaConfig,
+    events: &[&ContactEvent],
+) -> Result<HashSet<String>, DbErr> {
+    const SQL: &str = concat!(
+        "WITH batch AS (SELECT * FROM jsonb_to_recordset($1::jsonb) ",
+        "  AS b(event_id text, event_type text, contact_id text, payload jsonb)), ",
+        "new_events AS (INSERT INTO webhook_events ",
+        "  (event_id, event_type, contact_id, payload, status, created_at, updated_at) ",
+        "  SELECT event_id, event_type, contact_id, payload, 'pending', $2, $2 ",
+        "  FROM batch ORDER BY event_id ",
+        "  ON CONFLICT (event_id) DO NOTHING ",
+        "  RETURNING event_id, event_type, contact_id, payload) ",
+        "INSERT INTO outbox (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) ",
+        "SELECT event_id, $3 || '.' || event_type, contact_id, payload, ",
+        "  jsonb_build_object('event-id', event_id, 'event-type', event_type), $2, $2 ",
+        "FROM new_events ORDER BY event_id RETURNING event_id"
+    );
+    let rows: Vec<BatchRow<'_>> = events
+        .iter()
+        .map(|e| BatchRow {
+            event_id: &e.event_id,
+            event_type: e.event_type.as_str(),
+            contact_id: &e.contact_id,
+            payload: &e.payload,
+        })
+        .collect();
+    let batch = serde_json::to_string(&rows).map_err(|e| DbErr::Custom(e.to_string()))?;
+    let inserted = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            DatabaseBackend::Postgres,
+            SQL,
+            [
+                batch.into(),
+                Utc::now().into(),
+                kafka.topic_prefix.clone().into(),
+            ],
+        ))
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String>("", "event_id"))
+        .collect::<Result<HashSet<_>, _>>()?;
+    if !inserted.is_empty() {
+        notify_relays(conn).await?;
+    }
+    Ok(inserted)
+}
+
+/// Any other database (SQLite): a multi-row insert of the events, then of the new ones' outbox
+/// rows. Returns the ids that were new.
+async fn insert_portable<C: ConnectionTrait>(
+    conn: &C,
+    kafka: &KafkaConfig,
+    events: &[&ContactEvent],
+) -> Result<HashSet<String>, DbErr> {
     let now = Utc::now();
-    // Inserting in key order means two concurrent batches wait for each other's unique-index
-    // entries in the same order, so they cannot deadlock.
     let mut order: Vec<usize> = (0..events.len()).collect();
     order.sort_by(|&a, &b| events[a].event_id.cmp(&events[b].event_id));
 
@@ -73,79 +161,29 @@ pub async fn store_events<C: ConnectionTrait>(
             now.into(),
         ]);
     }
-    let postgres = conn.get_database_backend() == DatabaseBackend::Postgres;
-    let inserted: HashSet<String> = if postgres {
-        // One statement: each event that was new gets its outbox row copied from it on the
-        // server, so the payload crosses the wire and is encoded once.
-        insert.returning(Query::returning().columns([
-            E::EventId,
-            E::EventType,
-            E::ContactId,
-            E::Payload,
-        ]));
-        let (sql, values) = insert.build(PostgresQueryBuilder);
-        let mut values = values.0;
-        let (prefix, at) = (values.len() + 1, values.len() + 2);
-        values.push(kafka.topic_prefix.clone().into());
-        values.push(now.into());
-        let sql = format!(
-            "WITH new_events AS ({sql}) \
-             INSERT INTO outbox (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) \
-             SELECT event_id, ${prefix} || '.' || event_type, contact_id, payload, \
-                    jsonb_build_object('{HEADER_EVENT_ID}', event_id, '{HEADER_EVENT_TYPE}', event_type), ${at}, ${at} \
-             FROM new_events ORDER BY event_id RETURNING event_id"
-        );
-        conn.query_all_raw(Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
-            sql,
-            values,
-        ))
+    let inserted: HashSet<String> = conn
+        .query_all(&insert)
         .await?
         .iter()
-        .map(|row| row.try_get::<String>("", "event_id"))
-        .collect::<Result<_, _>>()?
-    } else {
-        conn.query_all(&insert)
-            .await?
-            .iter()
-            .map(|row| row.try_get::<String>("", &E::EventId.to_string()))
-            .collect::<Result<_, _>>()?
-    };
+        .map(|row| row.try_get::<String>("", &E::EventId.to_string()))
+        .collect::<Result<_, _>>()?;
 
-    // The first occurrence of a new id is accepted; any later one in this batch is a duplicate.
-    let mut claimed = HashSet::new();
-    let outcomes: Vec<IngestOutcome> = events
+    let mut queued = HashSet::new();
+    let new_rows: Vec<OutboxSource<'_>> = order
         .iter()
+        .map(|&i| events[i])
+        .filter(|e| inserted.contains(&e.event_id) && queued.insert(e.event_id.as_str()))
         .map(|e| {
-            if inserted.contains(&e.event_id) && claimed.insert(e.event_id.as_str()) {
-                IngestOutcome::Accepted
-            } else {
-                IngestOutcome::Duplicate
-            }
+            (
+                e.event_id.as_str(),
+                e.event_type.as_str(),
+                e.contact_id.as_str(),
+                &e.payload,
+            )
         })
         .collect();
-
-    if postgres {
-        if !inserted.is_empty() {
-            notify_relays(conn).await?;
-        }
-    } else {
-        let new_rows: Vec<OutboxSource<'_>> = order
-            .iter()
-            .filter(|&&i| outcomes[i] == IngestOutcome::Accepted)
-            .map(|&i| {
-                let e = events[i];
-                (
-                    e.event_id.as_str(),
-                    e.event_type.as_str(),
-                    e.contact_id.as_str(),
-                    &e.payload,
-                )
-            })
-            .collect();
-        insert_outbox_rows(conn, kafka, &new_rows).await?;
-    }
-    Ok(outcomes)
+    insert_outbox_rows(conn, kafka, &new_rows).await?;
+    Ok(inserted)
 }
 
 /// What an outbox row is made from: event id, event type, contact id, payload.
