@@ -177,7 +177,7 @@ impl Service {
             // Several loops overlap one batch's database work with another's delivery wait;
             // SKIP LOCKED keeps their batches apart.
             for _ in 1..config.relay.workers {
-                tasks.spawn(relay.clone().run(wakeup.clone(), shutdown.clone()));
+                tasks.spawn(relay.another_loop().run(wakeup.clone(), shutdown.clone()));
             }
             tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
         }

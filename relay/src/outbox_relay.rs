@@ -33,6 +33,8 @@ pub struct OutboxRelay {
     /// Set when topics should be (re)created after failed publishes: a produce to a missing
     /// topic only times out, and a broker can come back without them.
     recreate_topics: Option<crate::config::KafkaConfig>,
+    /// Whether this loop runs the re-publish safety net (one loop per process is enough).
+    sweeps: bool,
 }
 
 impl OutboxRelay {
@@ -42,6 +44,15 @@ impl OutboxRelay {
             publisher,
             config,
             recreate_topics: None,
+            sweeps: true,
+        }
+    }
+
+    /// A further loop of the same relay: claims batches, leaves the safety net to the first.
+    pub fn another_loop(&self) -> Self {
+        Self {
+            sweeps: false,
+            ..self.clone()
         }
     }
 
@@ -181,7 +192,8 @@ impl OutboxRelay {
         let mut failures = 0u32;
         let mut last_sweep = Instant::now();
         while !shutdown.is_cancelled() {
-            if let Some(after) = self.config.republish_after()
+            if self.sweeps
+                && let Some(after) = self.config.republish_after()
                 && last_sweep.elapsed()
                     >= (after / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
             {
