@@ -11,7 +11,7 @@ use poem_openapi::OpenApiService;
 use relay::bus::Publisher;
 use relay::consumer::{KafkaEventConsumer, run_in_process};
 use relay::kafka::KafkaPublisher;
-use relay::outbox_relay::{OutboxRelay, requeue_pending_in_process};
+use relay::outbox_relay::{OutboxRelay, republish_pending};
 use relay::processor::EventProcessor;
 use relay::wakeup::OutboxWakeup;
 use sea_orm::DatabaseConnection;
@@ -158,7 +158,13 @@ impl Service {
         let (in_process_tx, in_process_rx) = mpsc::channel(10_000);
         if roles.relay {
             let publisher = if embedded_bus {
-                let requeued = requeue_pending_in_process(&db).await?;
+                // The in-process bus forgot its queue when the process stopped.
+                let requeued = republish_pending(
+                    &db,
+                    Duration::ZERO,
+                    "re-published: the in-process bus lost its queue at restart",
+                )
+                .await?;
                 if requeued > 0 {
                     tracing::info!(requeued, "re-queued pending events for the in-process bus");
                 }

@@ -4,7 +4,7 @@
 //! requests are queued (up to `batch_max`), write them with multi-row statements, commit once,
 //! then answer each request. Nobody is answered before the commit that holds their rows.
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use chrono::Utc;
 use entity::{outbox, webhook_event};
@@ -60,6 +60,26 @@ pub async fn store_events<C: ConnectionTrait>(
         .collect())
 }
 
+/// The statement of `insert_postgres`: $1 the batch document, $2 the time, $3 the topic prefix
+/// (the topic is `KafkaConfig::topic_for`'s `<prefix>.<event type>`, spelled in SQL).
+static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH batch AS (SELECT * FROM jsonb_to_recordset($1::jsonb) \
+           AS b(event_id text, event_type text, contact_id text, payload jsonb)), \
+         new_events AS (INSERT INTO webhook_events \
+           (event_id, event_type, contact_id, payload, status, created_at, updated_at) \
+           SELECT event_id, event_type, contact_id, payload, '{pending}', $2, $2 \
+           FROM batch ORDER BY event_id \
+           ON CONFLICT (event_id) DO NOTHING \
+           RETURNING event_id, event_type, contact_id, payload) \
+         INSERT INTO outbox (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) \
+         SELECT event_id, $3 || '.' || event_type, contact_id, payload, \
+           jsonb_build_object('{HEADER_EVENT_ID}', event_id, '{HEADER_EVENT_TYPE}', event_type), $2, $2 \
+         FROM new_events ORDER BY event_id RETURNING event_id",
+        pending = webhook_event::STATUS_PENDING,
+    )
+});
+
 /// One row of the batch document `insert_postgres` sends.
 #[derive(Serialize)]
 struct BatchRow<'a> {
@@ -79,20 +99,6 @@ async fn insert_postgres<C: ConnectionTrait>(
     kafka: &KafkaConfig,
     events: &[&ContactEvent],
 ) -> Result<HashSet<String>, DbErr> {
-    const SQL: &str = concat!(
-        "WITH batch AS (SELECT * FROM jsonb_to_recordset($1::jsonb) ",
-        "  AS b(event_id text, event_type text, contact_id text, payload jsonb)), ",
-        "new_events AS (INSERT INTO webhook_events ",
-        "  (event_id, event_type, contact_id, payload, status, created_at, updated_at) ",
-        "  SELECT event_id, event_type, contact_id, payload, 'pending', $2, $2 ",
-        "  FROM batch ORDER BY event_id ",
-        "  ON CONFLICT (event_id) DO NOTHING ",
-        "  RETURNING event_id, event_type, contact_id, payload) ",
-        "INSERT INTO outbox (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) ",
-        "SELECT event_id, $3 || '.' || event_type, contact_id, payload, ",
-        "  jsonb_build_object('event-id', event_id, 'event-type', event_type), $2, $2 ",
-        "FROM new_events ORDER BY event_id RETURNING event_id"
-    );
     let rows: Vec<BatchRow<'_>> = events
         .iter()
         .map(|e| BatchRow {
@@ -106,7 +112,7 @@ async fn insert_postgres<C: ConnectionTrait>(
     let inserted = conn
         .query_all_raw(Statement::from_sql_and_values(
             DatabaseBackend::Postgres,
-            SQL,
+            BATCH_INSERT_SQL.as_str(),
             [
                 batch.into(),
                 Utc::now().into(),

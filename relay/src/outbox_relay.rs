@@ -9,7 +9,7 @@ use entity::{outbox, webhook_event};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement, TransactionTrait,
+    QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -143,38 +143,14 @@ impl OutboxRelay {
         Ok(step)
     }
 
-    /// The safety net: rows delivered more than `after` ago whose event is still `pending` are
-    /// made unpublished again, so the next batch publishes them once more. Only the newest row
-    /// of an event counts (an admin retry adds one). Returns how many rows were re-queued.
+    /// The safety net: rows of events still `pending` more than `after` after their delivery
+    /// are published again (see [`republish_pending`]).
     pub async fn republish_stale(&self, after: Duration) -> Result<u64, DbErr> {
-        let cutoff = Utc::now() - after;
-        let backend = self.db.get_database_backend();
-        // `$n` placeholders are understood by both PostgreSQL and SQLite.
-        let sql = "UPDATE outbox SET published_at = NULL, next_attempt_at = $1, last_error = $2 \
-            WHERE id IN ( \
-              SELECT MAX(o.id) FROM outbox o JOIN webhook_events e ON e.event_id = o.event_id \
-              WHERE e.status = $3 AND e.created_at < $4 \
-              GROUP BY o.event_id \
-              HAVING SUM(CASE WHEN o.published_at IS NULL THEN 1 ELSE 0 END) = 0 \
-                 AND MAX(o.published_at) < $4)";
-        let note = format!(
+        let reason = format!(
             "re-published: event still pending {} s after delivery",
             after.as_secs()
         );
-        let result = self
-            .db
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql,
-                [
-                    Utc::now().into(),
-                    note.into(),
-                    webhook_event::STATUS_PENDING.into(),
-                    cutoff.into(),
-                ],
-            ))
-            .await?;
-        let requeued = result.rows_affected();
+        let requeued = republish_pending(&self.db, after, &reason).await?;
         if requeued > 0 {
             metrics::counter!("relay_republished_total").increment(requeued);
             tracing::warn!(
@@ -242,22 +218,38 @@ impl OutboxRelay {
     }
 }
 
-/// Embedded mode only: the in-process bus forgets its queue when the process stops, so rows of
-/// events that are still pending are published again at start (processing is idempotent).
-pub async fn requeue_pending_in_process(db: &DatabaseConnection) -> Result<u64, DbErr> {
-    let pending = webhook_event::Entity::find()
-        .select_only()
-        .column(webhook_event::Column::EventId)
-        .filter(webhook_event::Column::Status.eq(webhook_event::STATUS_PENDING))
-        .into_query();
-    let result = outbox::Entity::update_many()
-        .col_expr(
-            outbox::Column::PublishedAt,
-            Expr::value(Option::<chrono::DateTime<Utc>>::None),
-        )
-        .filter(outbox::Column::PublishedAt.is_not_null())
-        .filter(outbox::Column::EventId.in_subquery(pending))
-        .exec(db)
+/// Makes the newest outbox row of every event that is still `pending`, and whose rows were all
+/// delivered more than `delivered_before` ago, unpublished again with `reason` as its last error,
+/// so the next batch publishes it once more (processing is idempotent). Only the newest row of
+/// an event counts: an admin retry adds one. Returns how many rows were re-queued.
+///
+/// Two users: the relay's safety net against messages lost on the bus, and embedded mode at
+/// start (`Duration::ZERO`), because the in-process bus forgets its queue when the process stops.
+pub async fn republish_pending(
+    db: &DatabaseConnection,
+    delivered_before: Duration,
+    reason: &str,
+) -> Result<u64, DbErr> {
+    let cutoff = Utc::now() - delivered_before;
+    // `$n` placeholders are understood by both PostgreSQL and SQLite.
+    let sql = "UPDATE outbox SET published_at = NULL, next_attempt_at = $1, last_error = $2 \
+        WHERE id IN ( \
+          SELECT MAX(o.id) FROM outbox o JOIN webhook_events e ON e.event_id = o.event_id \
+          WHERE e.status = $3 AND e.created_at <= $4 \
+          GROUP BY o.event_id \
+          HAVING SUM(CASE WHEN o.published_at IS NULL THEN 1 ELSE 0 END) = 0 \
+             AND MAX(o.published_at) <= $4)";
+    let result = db
+        .execute_raw(Statement::from_sql_and_values(
+            db.get_database_backend(),
+            sql,
+            [
+                Utc::now().into(),
+                reason.into(),
+                webhook_event::STATUS_PENDING.into(),
+                cutoff.into(),
+            ],
+        ))
         .await?;
-    Ok(result.rows_affected)
+    Ok(result.rows_affected())
 }

@@ -80,11 +80,6 @@ impl EventProcessor {
         txn.commit().await?;
         Ok(outcomes)
     }
-
-    /// Records a permanent failure on the event (when we know it).
-    pub async fn mark_failed(&self, message: &BusMessage, error: &str) -> Result<(), DbErr> {
-        mark_failed_on(&self.db, message, error).await
-    }
 }
 
 /// Applies one message inside the caller's transaction, in as few statements as it can: the
