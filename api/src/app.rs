@@ -163,6 +163,7 @@ impl Service {
                     &db,
                     Duration::ZERO,
                     "re-published: the in-process bus lost its queue at restart",
+                    u64::MAX,
                 )
                 .await?;
                 if requeued > 0 {
@@ -188,17 +189,22 @@ impl Service {
             tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
         }
         if roles.consumer {
-            let processor = EventProcessor::new(db.clone());
             if embedded_bus {
                 tasks.spawn(run_in_process(
-                    processor,
+                    EventProcessor::new(db.clone()),
                     in_process_rx,
                     config.consumer.clone(),
                     shutdown.clone(),
                 ));
             } else {
+                if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
+                    anyhow::bail!(
+                        "consuming from Kafka needs PostgreSQL (database.url): partition \
+                         ownership and offsets are kept there"
+                    );
+                }
                 let consumer = KafkaEventConsumer::connect(
-                    processor,
+                    db.clone(),
                     config.kafka.clone(),
                     config.consumer.clone(),
                 )
@@ -266,7 +272,7 @@ impl Service {
                 }
             });
         }
-        if roles.relay || roles.http {
+        {
             tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
                 db.clone(),
                 Duration::from_secs(config.metrics.backlog_refresh_secs),

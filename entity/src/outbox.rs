@@ -22,6 +22,8 @@ pub struct Model {
     pub next_attempt_at: DateTimeUtc,
     #[sea_orm(column_type = "Text", nullable)]
     pub last_error: Option<String>,
+    /// How many times the safety net published this row again (each waits twice as long).
+    pub republished: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261129_000001_create_webhook_events;
 mod m20261129_000002_create_outbox;
 mod m20261129_000003_create_contacts;
+mod m20261129_000004_consumer_partitions;
 
 /// Every migration of the service, in order.
 pub struct Migrator;
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000001_create_webhook_events::Migration),
             Box::new(m20261129_000002_create_outbox::Migration),
             Box::new(m20261129_000003_create_contacts::Migration),
+            Box::new(m20261129_000004_consumer_partitions::Migration),
         ]
     }
 }

@@ -104,6 +104,14 @@ pub struct ConsumerConfig {
     pub batch_max: usize,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
+    /// How often a member takes free partitions and gives back more than its share.
+    pub rebalance_interval_ms: u64,
+}
+
+impl ConsumerConfig {
+    pub fn rebalance_interval(&self) -> Duration {
+        Duration::from_millis(self.rebalance_interval_ms.max(1))
+    }
 }
 
 /// Exponential backoff `base * 2^attempt`, capped at `max`.

@@ -1,13 +1,19 @@
-//! The consumer: applies each message through `EventProcessor`, retrying transient failures with
-//! backoff and dead-lettering permanent ones, and commits the Kafka offset only afterwards.
-use std::collections::BTreeMap;
+//! The consumer: applies batches of messages through `EventProcessor`, retrying transient
+//! failures with backoff and dead-lettering permanent ones.
+//!
+//! Over Kafka, partitions are owned through PostgreSQL ([`crate::partitions`]) and assigned by
+//! hand, and each batch records its partitions' next offsets in the transaction that applies
+//! it: a batch is applied and its position moved together, or neither. Kafka's group protocol
+//! (and its committed offsets) play no part.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use sea_orm::DatabaseConnection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -15,60 +21,80 @@ use crate::bus::BusMessage;
 use crate::config::{ConsumerConfig, KafkaConfig, backoff};
 use crate::event::{HEADER_ERROR, HEADER_EVENT_ID};
 use crate::kafka::KafkaPublisher;
-use crate::processor::{EventProcessor, Handled};
+use crate::partitions::{
+    Membership, OffsetCommit, TopicPartition, partition_states, record_watermarks,
+};
+use crate::processor::{BatchError, EventProcessor, Outcome};
 
-/// The final fate of one message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disposition {
-    Done(Handled),
-    /// Could never be applied; the event is marked `failed` with this error.
-    DeadLetter(String),
+/// How applying a batch ended.
+enum BatchEnd {
+    /// Applied and committed.
+    Committed,
+    /// Partitions of the batch belong to another member now; nothing was written.
+    Fenced,
+    /// Shutdown came first; nothing was written.
+    Shutdown,
 }
 
-/// Handles a batch until every message is done or permanently failed (those are already marked
-/// `failed` and come back as `DeadLetter`). Transient failures retry the whole batch with
-/// backoff. `None` when shutdown interrupted the retries: nothing may be acknowledged.
-pub async fn handle_batch_with_retry(
+/// Applies `messages` until committed: transient failures retry the whole batch with backoff;
+/// messages that can never be applied are marked `failed` and handed to `dead_letter` before
+/// the commit (so a crash re-sends a dead letter rather than losing it).
+async fn apply_until_committed<F, Fut>(
     processor: &EventProcessor,
     messages: &[BusMessage],
+    offsets: Option<&OffsetCommit>,
     config: &ConsumerConfig,
     shutdown: &CancellationToken,
-) -> Option<Vec<Disposition>> {
+    mut dead_letter: F,
+) -> BatchEnd
+where
+    F: FnMut(BusMessage, String) -> Fut,
+    Fut: Future<Output = Option<()>>,
+{
     let mut attempt = 0u32;
     loop {
-        match processor.handle_batch(messages).await {
-            Ok(outcomes) => {
-                metrics::histogram!("consumer_batch_size").record(messages.len() as f64);
-                let dispositions: Vec<Disposition> = outcomes
-                    .into_iter()
-                    .map(|outcome| match outcome {
-                        Ok(handled) => Disposition::Done(handled),
-                        Err(error) => Disposition::DeadLetter(error),
-                    })
-                    .collect();
-                let failed = dispositions
-                    .iter()
-                    .filter(|d| matches!(d, Disposition::DeadLetter(_)))
-                    .count();
-                metrics::counter!("consumer_processed_total")
-                    .increment((dispositions.len() - failed) as u64);
-                metrics::counter!("consumer_failed_total").increment(failed as u64);
-                for (message, disposition) in messages.iter().zip(&dispositions) {
-                    let _span = span_for(message).entered();
-                    match disposition {
-                        Disposition::Done(handled) => tracing::debug!(?handled, "processed"),
-                        Disposition::DeadLetter(error) => {
-                            tracing::error!(%error, "event cannot be processed; dead-lettering it");
-                        }
+        let error = match processor.apply_batch(messages, offsets).await {
+            Ok(mut batch) => {
+                let outcomes = std::mem::take(&mut batch.outcomes);
+                for (message, outcome) in messages.iter().zip(&outcomes) {
+                    if let Err(reason) = outcome
+                        && dead_letter(message.clone(), reason.clone()).await.is_none()
+                    {
+                        return BatchEnd::Shutdown; // rolls back: redelivered after the restart
                     }
                 }
-                return Some(dispositions);
+                match batch.commit().await {
+                    Ok(()) => {
+                        record_outcomes(messages, &outcomes);
+                        return BatchEnd::Committed;
+                    }
+                    Err(error) => error,
+                }
             }
-            Err(error) => {
-                metrics::counter!("consumer_retries_total").increment(1);
-                tracing::warn!(%error, attempt, batch = messages.len(), "processing failed; retrying");
-                pause(config, &mut attempt, shutdown).await?;
+            Err(BatchError::Fenced(fenced)) => {
+                tracing::warn!(%fenced, "batch not applied");
+                return BatchEnd::Fenced;
             }
+            Err(BatchError::Transient(error)) => error,
+        };
+        metrics::counter!("consumer_retries_total").increment(1);
+        tracing::warn!(%error, attempt, batch = messages.len(), "processing failed; retrying");
+        if pause(config, &mut attempt, shutdown).await.is_none() {
+            return BatchEnd::Shutdown;
+        }
+    }
+}
+
+fn record_outcomes(messages: &[BusMessage], outcomes: &[Outcome]) {
+    metrics::histogram!("consumer_batch_size").record(messages.len() as f64);
+    let failed = outcomes.iter().filter(|o| o.is_err()).count();
+    metrics::counter!("consumer_processed_total").increment((outcomes.len() - failed) as u64);
+    metrics::counter!("consumer_failed_total").increment(failed as u64);
+    for (message, outcome) in messages.iter().zip(outcomes) {
+        let _span = span_for(message).entered();
+        match outcome {
+            Ok(handled) => tracing::debug!(?handled, "processed"),
+            Err(error) => tracing::error!(%error, "event cannot be processed; dead-lettered"),
         }
     }
 }
@@ -109,111 +135,276 @@ pub async fn run_in_process(
         if received == 0 {
             break; // every sender is gone
         }
-        // Permanent failures are already marked `failed`; there is no dead-letter topic here.
-        if handle_batch_with_retry(&processor, &batch, &config, &shutdown)
-            .await
-            .is_none()
-        {
+        // Permanent failures are marked `failed`; there is no dead-letter topic here.
+        let end = apply_until_committed(&processor, &batch, None, &config, &shutdown, |_, _| {
+            std::future::ready(Some(()))
+        })
+        .await;
+        if matches!(end, BatchEnd::Shutdown) {
             break;
         }
     }
     tracing::info!("in-process consumer stopped");
 }
 
-/// A Kafka consumer-group member.
+/// Where this member is on one owned partition.
+#[derive(Debug)]
+struct Position {
+    /// The first offset not yet applied.
+    next: i64,
+    /// Whether the broker has served this partition from `next` or before since it was
+    /// assigned or sought: until then, a message past `next` may mean the broker skipped some.
+    aligned: bool,
+    /// How far back the last alignment probe sought.
+    probe: i64,
+}
+
+/// What to do with one fetched message.
+enum Admit {
+    Process,
+    Skip,
+    /// The broker skipped messages: seek back to this offset (see `Position::aligned`).
+    SeekBack(i64),
+}
+
+impl Position {
+    fn new(next: Option<i64>) -> Self {
+        Self {
+            next: next.unwrap_or(0),
+            // Nothing applied yet: the partition is read from its beginning, whatever that is.
+            aligned: next.is_none(),
+            probe: 0,
+        }
+    }
+
+    /// Tansu 0.6 answers a fetch that starts inside a record batch with the NEXT batch, so a
+    /// member that starts at a stored offset can be handed messages past it. Kafka never
+    /// does: it serves the batch holding the offset and the client drops what precedes it.
+    /// Until a message at or before `next` arrives, a message past it seeks back twice as far
+    /// each time (the start of the batch is at most one batch back); from the log's beginning
+    /// a gap is real (retention, compaction) and accepted.
+    fn admit(&mut self, offset: i64) -> Admit {
+        if offset < self.next {
+            self.aligned = true;
+            return Admit::Skip; // applied already (its batch is committed)
+        }
+        if offset == self.next || self.aligned {
+            self.aligned = true;
+            return Admit::Process;
+        }
+        if self.probe > self.next {
+            tracing::warn!(
+                expected = self.next,
+                offset,
+                "offsets missing from the log's beginning on; going on"
+            );
+            self.aligned = true;
+            return Admit::Process;
+        }
+        self.probe = (self.probe * 2).max(1);
+        Admit::SeekBack((self.next - self.probe).max(0))
+    }
+}
+
+/// A consumer process over Kafka: a member of its group, consuming the partitions it owns.
 pub struct KafkaEventConsumer {
     consumer: Arc<StreamConsumer>,
     processor: EventProcessor,
     dead_letters: KafkaPublisher,
+    membership: Membership,
+    db: DatabaseConnection,
     kafka: KafkaConfig,
     config: ConsumerConfig,
 }
 
 impl KafkaEventConsumer {
+    /// `db` must be PostgreSQL: ownership and offsets live there.
     pub async fn connect(
-        processor: EventProcessor,
+        db: DatabaseConnection,
         kafka: KafkaConfig,
         config: ConsumerConfig,
     ) -> Result<Self, rdkafka::error::KafkaError> {
         let consumer = Arc::new(crate::kafka::event_consumer(&kafka).await?);
         let dead_letters = KafkaPublisher::connect(&kafka).await?;
+        let options = db.get_postgres_connection_pool().connect_options();
         Ok(Self {
             consumer,
-            processor,
+            processor: EventProcessor::new(db.clone()),
             dead_letters,
+            membership: Membership::new((*options).clone(), &kafka.group_id),
+            db,
             kafka,
             config,
         })
     }
 
-    /// Consumes until `shutdown`. Takes the messages already fetched (up to
-    /// `consumer.batch_max`), applies them in one database transaction, dead-letters the ones
-    /// that can never be applied, and only then commits the offsets past the batch.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Consumes until `shutdown`: between batches, every `consumer.rebalance_interval_ms`,
+    /// takes or gives back partitions; otherwise takes the messages already fetched (up to
+    /// `consumer.batch_max`) and applies them with their offsets in one transaction.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut positions: HashMap<TopicPartition, Position> = HashMap::new();
+        let mut partitions = Partitions::default();
+        let mut tick = tokio::time::interval(self.config.rebalance_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<BusMessage> = Vec::with_capacity(self.config.batch_max);
         loop {
-            let received = tokio::select! {
+            let first = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    let topics = partitions.current(&self.consumer, &self.kafka).await;
+                    self.rebalance(&topics, &mut positions).await;
+                    continue;
+                }
                 received = self.consumer.recv() => received,
             };
             batch.clear();
-            let mut positions = TopicPartitionList::new();
-            match received {
-                Ok(message) => take(&message, &mut batch, &mut positions),
-                Err(error) => {
-                    tracing::warn!(%error, "consumer error");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            }
-            while batch.len() < self.config.batch_max {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(message)) => take(&message, &mut batch, &mut positions),
-                    Some(Err(error)) => {
+            let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+            let mut seeks: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+            let mut received = Some(first);
+            while let Some(result) = received.take() {
+                match result {
+                    Ok(message) => {
+                        admit(&message, &mut positions, &mut batch, &mut next, &mut seeks)
+                    }
+                    Err(error) => {
                         tracing::warn!(%error, "consumer error");
                         break;
                     }
-                    None => break, // nothing more fetched yet
+                }
+                if batch.len() < self.config.batch_max {
+                    received = self.consumer.recv().now_or_never();
                 }
             }
-            let Some(dispositions) =
-                handle_batch_with_retry(&self.processor, &batch, &self.config, &shutdown).await
-            else {
-                break; // shutting down mid-batch: leave it uncommitted, it will be redelivered
+            if !seeks.is_empty() {
+                self.seek(seeks).await;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let offsets = OffsetCommit {
+                group: self.membership.group().to_owned(),
+                owner: self.membership.member_id().to_owned(),
+                next,
             };
-            let mut dead_lettered = true;
-            for (message, disposition) in batch.iter().zip(&dispositions) {
-                if let Disposition::DeadLetter(error) = disposition
-                    && self.dead_letter(message, error, &shutdown).await.is_none()
-                {
-                    dead_lettered = false;
-                    break;
+            let end = apply_until_committed(
+                &self.processor,
+                &batch,
+                Some(&offsets),
+                &self.config,
+                &shutdown,
+                |message, error| self.dead_letter(message, error, &shutdown),
+            )
+            .await;
+            match end {
+                BatchEnd::Committed => {
+                    for (tp, offset) in offsets.next {
+                        if let Some(position) = positions.get_mut(&tp) {
+                            position.next = position.next.max(offset);
+                        }
+                    }
                 }
-            }
-            if !dead_lettered {
-                break; // shutdown before the dead letters were out: redeliver the batch
-            }
-            if let Err(error) = self.consumer.commit(&positions, CommitMode::Async) {
-                tracing::warn!(%error, "offset commit failed; the batch may be redelivered");
+                BatchEnd::Fenced => self.reset(&mut positions),
+                BatchEnd::Shutdown => break, // uncommitted: applied after the restart
             }
         }
         tracing::info!("consumer stopped");
     }
 
+    /// Takes and gives back partitions; on a broken membership session gives up everything
+    /// (the locks are gone with it) and rejoins at the next tick.
+    async fn rebalance(
+        &mut self,
+        topics: &BTreeSet<TopicPartition>,
+        positions: &mut HashMap<TopicPartition, Position>,
+    ) {
+        if topics.is_empty() {
+            return; // metadata unavailable; keep what is owned
+        }
+        match self.membership.rebalance(topics).await {
+            Ok(change) => {
+                if !change.released.is_empty() {
+                    let mut list = TopicPartitionList::new();
+                    for tp in &change.released {
+                        positions.remove(tp);
+                        list.add_partition(&tp.topic, tp.partition);
+                    }
+                    if let Err(error) = self.consumer.incremental_unassign(&list) {
+                        tracing::error!(%error, "could not unassign partitions; rejoining");
+                        self.reset(positions);
+                        return;
+                    }
+                }
+                if !change.acquired.is_empty() {
+                    let mut list = TopicPartitionList::new();
+                    for (tp, next) in &change.acquired {
+                        let offset = next.map_or(Offset::Beginning, Offset::Offset);
+                        if let Err(error) =
+                            list.add_partition_offset(&tp.topic, tp.partition, offset)
+                        {
+                            tracing::error!(%error, %tp, "bad partition offset");
+                        }
+                        positions.insert(tp.clone(), Position::new(*next));
+                    }
+                    if let Err(error) = self.consumer.incremental_assign(&list) {
+                        tracing::error!(%error, "could not assign partitions; rejoining");
+                        self.reset(positions);
+                    }
+                }
+                metrics::gauge!("consumer_partitions_owned").set(positions.len() as f64);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "consumer group session lost; rejoining");
+                self.reset(positions);
+            }
+        }
+    }
+
+    /// Gives up every partition: stops fetching them and drops the membership session (which
+    /// releases its locks) to rejoin at the next rebalance tick.
+    fn reset(&mut self, positions: &mut HashMap<TopicPartition, Position>) {
+        positions.clear();
+        self.membership.reset();
+        if let Err(error) = self.consumer.unassign() {
+            tracing::error!(%error, "could not unassign partitions");
+        }
+        metrics::gauge!("consumer_partitions_owned").set(0.0);
+    }
+
+    async fn seek(&self, seeks: BTreeMap<TopicPartition, i64>) {
+        let consumer = self.consumer.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut list = TopicPartitionList::new();
+            for (tp, offset) in &seeks {
+                tracing::info!(partition = %tp, offset, "broker skipped messages; seeking back");
+                list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset))?;
+            }
+            consumer.seek_partitions(list, Duration::from_secs(5))
+        })
+        .await;
+        match result {
+            Ok(Ok(list)) => {
+                for element in list.elements() {
+                    if let Err(error) = element.error() {
+                        tracing::warn!(%error, topic = element.topic(), "seek failed");
+                    }
+                }
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "seek failed"),
+            Err(error) => tracing::warn!(%error, "seek task failed"),
+        }
+    }
+
     /// Publishes the message to the dead-letter topic, retrying until it is delivered.
     async fn dead_letter(
         &self,
-        message: &BusMessage,
-        error: &str,
+        mut dead: BusMessage,
+        error: String,
         shutdown: &CancellationToken,
     ) -> Option<()> {
-        let mut dead = message.clone();
-        dead.topic = self.kafka.dlq_topic();
-        dead.headers
-            .insert(HEADER_ERROR.to_owned(), error.to_owned());
-        dead.headers
-            .insert("original-topic".to_owned(), message.topic.clone());
+        let original = std::mem::replace(&mut dead.topic, self.kafka.dlq_topic());
+        dead.headers.insert(HEADER_ERROR.to_owned(), error);
+        dead.headers.insert("original-topic".to_owned(), original);
         let mut attempt = 0u32;
         loop {
             match self
@@ -234,68 +425,150 @@ impl KafkaEventConsumer {
         }
     }
 
-    /// Per partition: high watermark minus committed offset (blocking calls, off the runtime).
+    /// Reads the partitions' high watermarks for the lag every role reports, and logs a
+    /// health line when partitions have no consumer or stopped moving.
     pub fn lag_reporter(&self) -> LagReporter {
         LagReporter {
             consumer: self.consumer.clone(),
+            db: self.db.clone(),
+            kafka: self.kafka.clone(),
         }
     }
 }
 
-/// Reports consumer lag as `consumer_lag{topic, partition}` gauges.
+/// Decides about one fetched message; a processed one joins `batch` and moves `next`.
+fn admit(
+    message: &BorrowedMessage<'_>,
+    positions: &mut HashMap<TopicPartition, Position>,
+    batch: &mut Vec<BusMessage>,
+    next: &mut BTreeMap<TopicPartition, i64>,
+    seeks: &mut BTreeMap<TopicPartition, i64>,
+) {
+    let tp = TopicPartition {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+    };
+    if seeks.contains_key(&tp) {
+        return; // fetched before the seek back: it will come again
+    }
+    let Some(position) = positions.get_mut(&tp) else {
+        return; // a partition given back; its new owner reads it
+    };
+    match position.admit(message.offset()) {
+        Admit::Process => {
+            batch.push(to_bus_message(message));
+            next.insert(tp, message.offset() + 1);
+        }
+        Admit::Skip => {}
+        Admit::SeekBack(offset) => {
+            seeks.insert(tp, offset);
+        }
+    }
+}
+
+/// The event topics' partitions, from the broker's metadata, refreshed every 10 s.
+#[derive(Default)]
+struct Partitions {
+    known: BTreeSet<TopicPartition>,
+    read_at: Option<Instant>,
+}
+
+impl Partitions {
+    async fn current(
+        &mut self,
+        consumer: &Arc<StreamConsumer>,
+        kafka: &KafkaConfig,
+    ) -> BTreeSet<TopicPartition> {
+        if self.known.is_empty() || self.read_at.is_none_or(|t| t.elapsed().as_secs() >= 10) {
+            match event_partitions(consumer.clone(), kafka).await {
+                Ok(found) if !found.is_empty() => {
+                    self.known = found;
+                    self.read_at = Some(Instant::now());
+                }
+                Ok(_) => tracing::warn!("the broker reports no partition of the event topics"),
+                Err(error) => tracing::warn!(%error, "could not read topic metadata"),
+            }
+        }
+        self.known.clone()
+    }
+}
+
+async fn event_partitions(
+    consumer: Arc<StreamConsumer>,
+    kafka: &KafkaConfig,
+) -> Result<BTreeSet<TopicPartition>, rdkafka::error::KafkaError> {
+    let topics: Vec<String> = crate::EVENT_TYPES
+        .iter()
+        .map(|t| kafka.topic_for(t))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut found = BTreeSet::new();
+        for topic in topics {
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            for t in metadata.topics() {
+                if t.error().is_some() {
+                    continue;
+                }
+                for p in t.partitions() {
+                    found.insert(TopicPartition {
+                        topic: t.name().to_owned(),
+                        partition: p.id(),
+                    });
+                }
+            }
+        }
+        Ok(found)
+    })
+    .await
+    .unwrap_or_else(|_| Ok(BTreeSet::new()))
+}
+
+/// Records high watermarks and logs the consumer group's health.
 #[derive(Clone)]
 pub struct LagReporter {
     consumer: Arc<StreamConsumer>,
+    db: DatabaseConnection,
+    kafka: KafkaConfig,
 }
 
 impl LagReporter {
     pub async fn report(&self) {
+        let partitions = match event_partitions(self.consumer.clone(), &self.kafka).await {
+            Ok(partitions) => partitions,
+            Err(error) => {
+                tracing::debug!(%error, "topic metadata unavailable");
+                return;
+            }
+        };
         let consumer = self.consumer.clone();
-        let result = tokio::task::spawn_blocking(
-            move || -> Result<Vec<(String, i32, i64)>, rdkafka::error::KafkaError> {
-                let timeout = Duration::from_secs(2);
-                let committed = consumer.committed(timeout)?;
-                let mut lags = Vec::new();
-                for element in committed.elements() {
-                    let (_, high) =
-                        consumer.fetch_watermarks(element.topic(), element.partition(), timeout)?;
-                    let position = element.offset().to_raw().filter(|o| *o >= 0).unwrap_or(0);
-                    lags.push((
-                        element.topic().to_owned(),
-                        element.partition(),
-                        (high - position).max(0),
-                    ));
-                }
-                Ok(lags)
-            },
-        )
-        .await;
-        match result {
-            Ok(Ok(lags)) => {
-                for (topic, partition, lag) in lags {
-                    metrics::gauge!("consumer_lag", "topic" => topic, "partition" => partition.to_string()).set(lag as f64);
+        let watermarks = tokio::task::spawn_blocking(move || {
+            partitions
+                .into_iter()
+                .filter_map(|tp| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(2))
+                        .ok()?;
+                    Some((tp, high))
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if let Err(error) = record_watermarks(&self.db, &self.kafka.group_id, &watermarks).await {
+            tracing::debug!(%error, "could not record watermarks");
+        }
+        match partition_states(&self.db).await {
+            Ok(states) => {
+                let unowned: Vec<String> = states
+                    .iter()
+                    .filter(|s| !s.owned)
+                    .map(|s| format!("{}[{}]", s.topic, s.partition))
+                    .collect();
+                if !unowned.is_empty() {
+                    tracing::warn!(?unowned, "consumer health: partitions without a consumer");
                 }
             }
-            Ok(Err(error)) => tracing::debug!(%error, "consumer lag unavailable"),
-            Err(error) => tracing::debug!(%error, "consumer lag task failed"),
-        }
-    }
-}
-
-/// Adds `message` to the batch and moves its partition's commit position past it.
-fn take(
-    message: &BorrowedMessage<'_>,
-    batch: &mut Vec<BusMessage>,
-    positions: &mut TopicPartitionList,
-) {
-    batch.push(to_bus_message(message));
-    let next = Offset::Offset(message.offset() + 1);
-    match positions.find_partition(message.topic(), message.partition()) {
-        Some(mut element) => {
-            let _ = element.set_offset(next);
-        }
-        None => {
-            let _ = positions.add_partition_offset(message.topic(), message.partition(), next);
+            Err(error) => tracing::debug!(%error, "could not read partition states"),
         }
     }
 }
@@ -318,5 +591,45 @@ fn to_bus_message(message: &BorrowedMessage<'_>) -> BusMessage {
             .to_owned(),
         payload: message.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_resuming_inside_a_batch_seeks_back_until_the_broker_serves_its_offset() {
+        let mut position = Position::new(Some(115));
+        // Tansu answers offset 115 with the next batch, which starts at 229.
+        assert!(matches!(position.admit(229), Admit::SeekBack(114)));
+        assert!(matches!(position.admit(229), Admit::SeekBack(113)));
+        assert!(matches!(position.admit(229), Admit::SeekBack(111)));
+        // From 111 the broker serves the batch holding 100..228: 111..114 are skipped.
+        assert!(matches!(position.admit(100), Admit::Skip));
+        assert!(matches!(position.admit(114), Admit::Skip));
+        assert!(matches!(position.admit(115), Admit::Process));
+        // Once aligned, a gap is the log's own (compaction, transaction markers).
+        assert!(matches!(position.admit(300), Admit::Process));
+    }
+
+    #[test]
+    fn a_gap_from_the_beginning_of_the_log_is_accepted() {
+        let mut position = Position::new(Some(3));
+        let mut seeks = Vec::new();
+        loop {
+            match position.admit(50) {
+                Admit::SeekBack(offset) => seeks.push(offset),
+                Admit::Process => break,
+                Admit::Skip => panic!("nothing before 50 exists"),
+            }
+        }
+        assert_eq!(seeks, [2, 1, 0]);
+    }
+
+    #[test]
+    fn a_new_partition_takes_whatever_comes_first() {
+        let mut position = Position::new(None);
+        assert!(matches!(position.admit(42), Admit::Process));
     }
 }

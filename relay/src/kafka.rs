@@ -191,14 +191,14 @@ async fn create_producer(config: ClientConfig) -> Result<Arc<FutureProducer>, Ka
     blocking(move || config.create().map(Arc::new)).await
 }
 
-/// A consumer-group member subscribed to the event topics, committing offsets by hand.
+/// The event consumer: partitions are assigned by hand (ownership lives in PostgreSQL, see
+/// `partitions`), so it joins no Kafka group and commits nothing to Kafka.
 pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, KafkaError> {
     let mut client_config = client_config(config);
     client_config
-        .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
-        // Offsets are stored only by our explicit commits, after the database commit.
         .set("enable.auto.offset.store", "false")
+        // Only for a stored offset the log no longer holds (retention): start from the oldest.
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
     // librdkafka's default (500 ms) is how long a fetch may wait for data. Kafka answers as soon
@@ -207,15 +207,5 @@ pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, Kafk
     if client_config.get("fetch.wait.max.ms").is_none() {
         client_config.set("fetch.wait.max.ms", "25");
     }
-    let topics: Vec<String> = crate::EVENT_TYPES
-        .iter()
-        .map(|t| config.topic_for(t))
-        .collect();
-    blocking(move || {
-        let consumer: StreamConsumer = client_config.create()?;
-        let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        Ok(consumer)
-    })
-    .await
+    blocking(move || client_config.create()).await
 }

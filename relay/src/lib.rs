@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod event;
 pub mod kafka;
 pub mod outbox_relay;
+pub mod partitions;
 pub mod processor;
 pub mod projection;
 pub mod wakeup;

@@ -1,43 +1,104 @@
-//! Applying one bus message: in ONE transaction, update `contacts` and mark the event
-//! `processed`. A message whose event is no longer `pending` changes nothing (re-delivery).
+//! Applying bus messages, a batch at a time: in ONE transaction and a few statements per batch,
+//! claim the events (`pending` -> `processed`), apply them to `contacts`, mark the ones that can
+//! never be applied `failed`, and (Kafka) record the partitions' next offsets. A message whose
+//! event is no longer `pending` changes nothing (re-delivery).
+use std::collections::{BTreeMap, BTreeSet};
+
 use chrono::Utc;
-use entity::webhook_event::{self, STATUS_FAILED, STATUS_PENDING, STATUS_PROCESSED};
-use sea_orm::sea_query::{Expr, ExprTrait};
+use entity::webhook_event::{STATUS_FAILED, STATUS_PENDING, STATUS_PROCESSED};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QuerySelect,
-    TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, Statement, TransactionTrait,
+    Value as SqlValue,
 };
 use serde_json::Value;
-use tracing::Instrument;
 
 use crate::bus::BusMessage;
 use crate::event::HEADER_EVENT_ID;
-use crate::projection::{self, Applied, ContactChange};
+use crate::partitions::{Fenced, OffsetCommit};
+use crate::projection::{self, Applied, ContactChange, placeholders};
 
 /// What handling a message did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
-    /// Applied (or recognised as older than what `contacts` holds) and marked `processed`.
+    /// Claimed and marked `processed`; `Applied` says whether it is now its contact's state.
     Processed(Applied),
     /// Its event was already processed or failed: a re-delivery, nothing changed.
     AlreadyDone,
 }
 
-/// Why a message was not handled.
+/// The outcome of one message: handled, or a reason it can never be applied (the event is marked
+/// `failed` with it; dead-letter the message).
+pub type Outcome = Result<Handled, String>;
+
+/// Why a batch was not applied; nothing of it was written.
 #[derive(Debug, thiserror::Error)]
-pub enum ProcessError {
+pub enum BatchError {
     /// Worth retrying (database unavailable, a lost race...).
     #[error("transient: {0}")]
     Transient(#[from] DbErr),
+    /// Another member owns some of the batch's partitions now: drop them, do not retry.
+    #[error(transparent)]
+    Fenced(#[from] Fenced),
+}
+
+/// Why a single message was not handled.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(transparent)]
+    Batch(#[from] BatchError),
     /// Will never succeed: dead-letter it.
     #[error("{0}")]
     Permanent(String),
+}
+
+/// A batch applied inside a still open transaction: publish its dead letters, then `commit`.
+pub struct AppliedBatch {
+    txn: DatabaseTransaction,
+    /// One per message, in order.
+    pub outcomes: Vec<Outcome>,
+}
+
+impl AppliedBatch {
+    pub async fn commit(self) -> Result<(), DbErr> {
+        self.txn.commit().await
+    }
 }
 
 /// Applies events to the database.
 #[derive(Clone)]
 pub struct EventProcessor {
     db: DatabaseConnection,
+}
+
+/// A message as read: a change to apply, or why it cannot be applied.
+enum Parsed {
+    Change(ContactChange),
+    Unappliable {
+        event_id: Option<String>,
+        reason: String,
+    },
+}
+
+fn parse(message: &BusMessage) -> Parsed {
+    let payload: Value = match serde_json::from_slice(&message.payload) {
+        Ok(payload) => payload,
+        Err(error) => {
+            return Parsed::Unappliable {
+                event_id: message.header(HEADER_EVENT_ID).map(str::to_owned),
+                reason: format!("payload is not JSON: {error}"),
+            };
+        }
+    };
+    match ContactChange::from_payload(&payload) {
+        Ok(change) => Parsed::Change(change),
+        Err(unappliable) => Parsed::Unappliable {
+            event_id: message
+                .header(HEADER_EVENT_ID)
+                .or_else(|| payload.get("id").and_then(Value::as_str))
+                .map(str::to_owned),
+            reason: unappliable.0,
+        },
+    }
 }
 
 impl EventProcessor {
@@ -47,132 +108,178 @@ impl EventProcessor {
 
     /// Handles one message in its own transaction; safe to call again with the same message.
     pub async fn handle(&self, message: &BusMessage) -> Result<Handled, ProcessError> {
-        let txn = self.db.begin().await?;
-        let handled = apply_message(&txn, message).await?; // an error drops (rolls back) txn
-        txn.commit().await?;
-        Ok(handled)
+        let mut batch = self
+            .apply_batch(std::slice::from_ref(message), None)
+            .await?;
+        let outcome = batch.outcomes.pop().unwrap_or(Ok(Handled::AlreadyDone));
+        batch.commit().await.map_err(BatchError::from)?;
+        outcome.map_err(ProcessError::Permanent)
     }
 
-    /// Handles `messages`, in order, in ONE transaction: one commit for the whole batch. A
-    /// message that can never be applied is found out before anything is written for it, so it
-    /// is marked `failed` in the same transaction and reported as `Err(reason)` (dead-letter
-    /// it) while the others go on. A transient error rolls the whole batch back and is
-    /// returned: retry the batch.
-    pub async fn handle_batch(
+    /// Applies `messages` in one transaction and leaves it open (see [`AppliedBatch`]). Messages
+    /// that can never be applied are marked `failed` and come back as `Err(reason)` while the
+    /// others go on. With `offsets`, the partitions' next offsets are written in the same
+    /// transaction, fenced by ownership. An error means nothing was written.
+    pub async fn apply_batch(
         &self,
         messages: &[BusMessage],
-    ) -> Result<Vec<Result<Handled, String>>, DbErr> {
+        offsets: Option<&OffsetCommit>,
+    ) -> Result<AppliedBatch, BatchError> {
+        let parsed: Vec<Parsed> = messages.iter().map(parse).collect();
         let txn = self.db.begin().await?;
-        let mut outcomes = Vec::with_capacity(messages.len());
-        for message in messages {
-            let outcome = apply_message(&txn, message)
-                .instrument(crate::consumer::span_for(message))
-                .await;
-            outcomes.push(match outcome {
-                Ok(handled) => Ok(handled),
-                Err(ProcessError::Permanent(error)) => {
-                    mark_failed_on(&txn, message, &error).await?;
-                    Err(error)
+
+        let change_ids: BTreeSet<&str> = parsed
+            .iter()
+            .filter_map(|p| match p {
+                Parsed::Change(change) => Some(change.event_id.as_str()),
+                Parsed::Unappliable { .. } => None,
+            })
+            .collect();
+        let claimed = claim(&txn, &change_ids).await?;
+
+        // Why the rest was not claimed: already done, still pending (unappliable), or unknown.
+        let others: BTreeSet<&str> = parsed
+            .iter()
+            .filter_map(|p| match p {
+                Parsed::Change(change) if !claimed.contains(&change.event_id) => {
+                    Some(change.event_id.as_str())
                 }
-                Err(ProcessError::Transient(error)) => return Err(error),
+                Parsed::Unappliable { event_id, .. } => event_id.as_deref(),
+                Parsed::Change(_) => None,
+            })
+            .collect();
+        let statuses = statuses(&txn, &others).await?;
+
+        let mut first_claim: BTreeSet<&str> = BTreeSet::new();
+        let mut failed_now: BTreeSet<&str> = BTreeSet::new();
+        let mut to_apply: Vec<&ContactChange> = Vec::new();
+        let mut decided: Vec<Result<Option<&str>, String>> = Vec::with_capacity(parsed.len());
+        for p in &parsed {
+            decided.push(match p {
+                Parsed::Change(change) if claimed.contains(&change.event_id) => {
+                    if first_claim.insert(&change.event_id) {
+                        to_apply.push(change);
+                        Ok(Some(change.event_id.as_str()))
+                    } else {
+                        Ok(None) // the same event twice in one batch
+                    }
+                }
+                Parsed::Change(change) => match statuses.get(&change.event_id) {
+                    Some(_) => Ok(None),
+                    None => Err(unknown_event(&change.event_id)),
+                },
+                Parsed::Unappliable { event_id: None, .. } => {
+                    Err("message carries no event id".to_owned())
+                }
+                Parsed::Unappliable {
+                    event_id: Some(id),
+                    reason,
+                } => match statuses.get(id).map(String::as_str) {
+                    Some(STATUS_PENDING) if failed_now.insert(id) => {
+                        mark_failed(&txn, id, reason).await?;
+                        Err(reason.clone())
+                    }
+                    Some(_) => Ok(None),
+                    None => Err(unknown_event(id)),
+                },
             });
         }
-        txn.commit().await?;
-        Ok(outcomes)
-    }
-}
 
-/// Applies one message inside the caller's transaction, in as few statements as it can: the
-/// event is claimed and marked `processed` by one UPDATE (which also locks it against a
-/// concurrent re-delivery), then the contact is changed. Permanent failures are decided before
-/// anything is written, so the transaction stays good for the next message of a batch.
-async fn apply_message<C: ConnectionTrait>(
-    conn: &C,
-    message: &BusMessage,
-) -> Result<Handled, ProcessError> {
-    let payload: Value = serde_json::from_slice(&message.payload)
-        .map_err(|e| ProcessError::Permanent(format!("payload is not JSON: {e}")))?;
-    let change = match ContactChange::from_payload(&payload) {
-        Ok(change) => change,
-        Err(unappliable) => {
-            let event_id = message
-                .header(HEADER_EVENT_ID)
-                .map(str::to_owned)
-                .or_else(|| payload.get("id").and_then(Value::as_str).map(str::to_owned))
-                .ok_or_else(|| ProcessError::Permanent("message carries no event id".into()))?;
-            return match event_status(conn, &event_id).await? {
-                Some(status) if status != STATUS_PENDING => Ok(Handled::AlreadyDone),
-                Some(_) => Err(ProcessError::Permanent(unappliable.0)),
-                None => Err(unknown_event(&event_id)),
-            };
+        let changed = projection::apply(&txn, &to_apply).await?;
+        if let Some(offsets) = offsets {
+            offsets.write(&txn).await?;
         }
-    };
-
-    let now = Utc::now();
-    let claimed = webhook_event::Entity::update_many()
-        .col_expr(webhook_event::Column::Status, Expr::value(STATUS_PROCESSED))
-        .col_expr(webhook_event::Column::ProcessedAt, Expr::value(now))
-        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
-        .col_expr(
-            webhook_event::Column::Error,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            webhook_event::Column::Attempts,
-            Expr::col(webhook_event::Column::Attempts).add(1),
-        )
-        .filter(webhook_event::Column::EventId.eq(&change.event_id))
-        .filter(webhook_event::Column::Status.eq(STATUS_PENDING))
-        .exec(conn)
-        .await?
-        .rows_affected;
-    if claimed == 0 {
-        return match event_status(conn, &change.event_id).await? {
-            Some(_) => Ok(Handled::AlreadyDone),
-            None => Err(unknown_event(&change.event_id)),
-        };
+        let outcomes = decided
+            .into_iter()
+            .map(|d| {
+                d.map(|claimed| match claimed {
+                    Some(id) if changed.contains(id) => Handled::Processed(Applied::Changed),
+                    Some(_) => Handled::Processed(Applied::Stale),
+                    None => Handled::AlreadyDone,
+                })
+            })
+            .collect();
+        Ok(AppliedBatch { txn, outcomes })
     }
-    let applied = projection::apply(conn, &change).await?;
-    Ok(Handled::Processed(applied))
 }
 
-async fn event_status<C: ConnectionTrait>(
+/// Marks the `pending` events among `ids` processed, in one statement; returns those it marked.
+async fn claim<C: ConnectionTrait>(
+    conn: &C,
+    ids: &BTreeSet<&str>,
+) -> Result<BTreeSet<String>, DbErr> {
+    if ids.is_empty() {
+        return Ok(BTreeSet::new());
+    }
+    let now = Utc::now();
+    let mut values: Vec<SqlValue> = vec![
+        STATUS_PROCESSED.into(),
+        now.into(),
+        now.into(),
+        STATUS_PENDING.into(),
+    ];
+    values.extend(ids.iter().map(|id| SqlValue::from(*id)));
+    let sql = format!(
+        "UPDATE webhook_events SET status = $1, processed_at = $2, updated_at = $3, \
+         error = NULL, attempts = attempts + 1 WHERE status = $4 AND event_id IN {} \
+         RETURNING event_id",
+        placeholders(4, ids.len())
+    );
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            conn.get_database_backend(),
+            sql,
+            values,
+        ))
+        .await?;
+    rows.iter().map(|r| r.try_get_by_index(0)).collect()
+}
+
+/// The status of each of `ids` that exists.
+async fn statuses<C: ConnectionTrait>(
+    conn: &C,
+    ids: &BTreeSet<&str>,
+) -> Result<BTreeMap<String, String>, DbErr> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let sql = format!(
+        "SELECT event_id, status FROM webhook_events WHERE event_id IN {}",
+        placeholders(0, ids.len())
+    );
+    let rows = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            conn.get_database_backend(),
+            sql,
+            ids.iter().map(|id| SqlValue::from(*id)),
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?)))
+        .collect()
+}
+
+async fn mark_failed<C: ConnectionTrait>(
     conn: &C,
     event_id: &str,
-) -> Result<Option<String>, DbErr> {
-    webhook_event::Entity::find()
-        .select_only()
-        .column(webhook_event::Column::Status)
-        .filter(webhook_event::Column::EventId.eq(event_id))
-        .into_tuple::<String>()
-        .one(conn)
-        .await
-}
-
-fn unknown_event(event_id: &str) -> ProcessError {
-    ProcessError::Permanent(format!("unknown event id {event_id}"))
-}
-
-async fn mark_failed_on<C: ConnectionTrait>(
-    conn: &C,
-    message: &BusMessage,
     error: &str,
 ) -> Result<(), DbErr> {
-    let Some(event_id) = message.header(HEADER_EVENT_ID) else {
-        return Ok(());
-    };
-    let now = Utc::now();
-    webhook_event::Entity::update_many()
-        .col_expr(webhook_event::Column::Status, Expr::value(STATUS_FAILED))
-        .col_expr(webhook_event::Column::Error, Expr::value(error))
-        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
-        .col_expr(
-            webhook_event::Column::Attempts,
-            Expr::col(webhook_event::Column::Attempts).add(1),
-        )
-        .filter(webhook_event::Column::EventId.eq(event_id))
-        .filter(webhook_event::Column::Status.eq(STATUS_PENDING))
-        .exec(conn)
-        .await?;
+    conn.execute_raw(Statement::from_sql_and_values(
+        conn.get_database_backend(),
+        "UPDATE webhook_events SET status = $1, error = $2, updated_at = $3, \
+         attempts = attempts + 1 WHERE event_id = $4 AND status = $5",
+        [
+            STATUS_FAILED.into(),
+            error.into(),
+            Utc::now().into(),
+            event_id.into(),
+            STATUS_PENDING.into(),
+        ],
+    ))
+    .await?;
     Ok(())
+}
+
+fn unknown_event(event_id: &str) -> String {
+    format!("unknown event id {event_id}")
 }

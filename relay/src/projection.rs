@@ -1,17 +1,22 @@
-//! `contacts`: our mirror of AcmeCRM. Events may arrive out of order; an older version of a
-//! contact (by `data.updatedAt`, then the event `timestamp`) never overwrites a newer one, and a
-//! deleted contact stays deleted (its tombstone is terminal).
+//! `contacts`: our mirror of AcmeCRM, a function of the SET of events applied to each contact,
+//! whatever order or how many times they were delivered.
+//!
+//! Every event of a contact has a place in one total order, its [`Version`]: a deletion above
+//! any create/update (a tombstone is terminal), then `data.updatedAt` (the event `timestamp`
+//! when a deletion has none), then the event `timestamp`, then the event id. The stored row is
+//! the state the greatest event of that order describes; an event below it changes nothing.
+//! A tombstone erases the personal fields and keeps only the contact id, when and by which event
+//! it was deleted, so it does not depend on which version happened to arrive before the delete.
+use std::collections::{BTreeMap, BTreeSet};
+
 use chrono::{DateTime, Utc};
-use entity::contact;
-use sea_orm::{
-    ActiveValue::Set, ConnectionTrait, DatabaseBackend, DbErr, EntityTrait, QuerySelect,
-};
-use serde_json::Value;
+use sea_orm::{ConnectionTrait, DbErr, Statement, Value as SqlValue};
+use serde_json::{Value, json};
 
 use crate::event::{EventType, rfc3339_field};
 
 /// An event as the projection needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContactChange {
     pub event_id: String,
     pub event_type: EventType,
@@ -25,6 +30,9 @@ pub struct ContactChange {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
 pub struct Unappliable(pub String);
+
+/// The place of an event in its contact's total order (compared field by field).
+pub type Version = (bool, DateTime<Utc>, DateTime<Utc>, String);
 
 impl ContactChange {
     /// Reads a stored event payload.
@@ -70,17 +78,70 @@ impl ContactChange {
         })
     }
 
-    /// The ordering key: the contact's version, then when the event was sent.
-    fn version(&self) -> (DateTime<Utc>, DateTime<Utc>) {
-        (self.updated_at.unwrap_or(self.timestamp), self.timestamp)
+    pub fn is_deletion(&self) -> bool {
+        self.event_type == EventType::Deleted
+    }
+
+    /// This event's place in its contact's total order.
+    pub fn version(&self) -> Version {
+        (
+            self.is_deletion(),
+            self.updated_at.unwrap_or(self.timestamp),
+            self.timestamp,
+            self.event_id.clone(),
+        )
+    }
+
+    /// The `contacts` row this event describes when it is the greatest of its contact.
+    pub fn row(&self) -> ContactRow {
+        let text = |field: &str| {
+            (!self.is_deletion())
+                .then(|| self.data.get(field).and_then(Value::as_str))
+                .flatten()
+                .map(str::to_owned)
+        };
+        ContactRow {
+            id: self.contact_id.clone(),
+            email: text("email"),
+            first_name: text("firstName"),
+            last_name: text("lastName"),
+            phone: text("phone"),
+            company: text("company"),
+            title: text("title"),
+            data: if self.is_deletion() {
+                json!({ "id": self.contact_id })
+            } else {
+                self.data.clone()
+            },
+            source_created_at: (!self.is_deletion())
+                .then(|| rfc3339_field(&self.data, "createdAt"))
+                .flatten(),
+            source_updated_at: self.updated_at,
+            event_timestamp: self.timestamp,
+            last_event_id: self.event_id.clone(),
+            deleted: self.is_deletion(),
+            deleted_at: self.is_deletion().then_some(self.timestamp),
+        }
     }
 }
 
-fn stored_version(c: &contact::Model) -> (DateTime<Utc>, DateTime<Utc>) {
-    (
-        c.source_updated_at.unwrap_or(c.event_timestamp),
-        c.event_timestamp,
-    )
+/// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactRow {
+    pub id: String,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub phone: Option<String>,
+    pub company: Option<String>,
+    pub title: Option<String>,
+    pub data: Value,
+    pub source_created_at: Option<DateTime<Utc>>,
+    pub source_updated_at: Option<DateTime<Utc>>,
+    pub event_timestamp: DateTime<Utc>,
+    pub last_event_id: String,
+    pub deleted: bool,
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
 /// What applying an event did to `contacts`.
@@ -88,69 +149,159 @@ fn stored_version(c: &contact::Model) -> (DateTime<Utc>, DateTime<Utc>) {
 pub enum Applied {
     /// The contact now reflects this event.
     Changed,
-    /// A newer version (or a tombstone) is already stored; nothing changed.
+    /// A greater version (or a tombstone) is stored or came in the same batch; nothing changed.
     Stale,
 }
 
-/// Applies `change` inside the caller's transaction.
-pub async fn apply<C: ConnectionTrait>(conn: &C, change: &ContactChange) -> Result<Applied, DbErr> {
-    let mut find = contact::Entity::find_by_id(change.contact_id.clone());
-    if conn.get_database_backend() == DatabaseBackend::Postgres {
-        find = find.lock_exclusive();
+/// The greatest change of each contact among `changes`, ordered by contact id (the order rows
+/// are locked in, so concurrent batches cannot deadlock on `contacts`).
+pub fn greatest_per_contact<'a>(
+    changes: impl IntoIterator<Item = &'a ContactChange>,
+) -> Vec<&'a ContactChange> {
+    let mut greatest: BTreeMap<&str, &ContactChange> = BTreeMap::new();
+    for change in changes {
+        greatest
+            .entry(change.contact_id.as_str())
+            .and_modify(|current| {
+                if change.version() > current.version() {
+                    *current = change;
+                }
+            })
+            .or_insert(change);
     }
-    let existing = find.one(conn).await?;
-    if let Some(current) = &existing {
-        let newer =
-            change.event_type == EventType::Deleted || change.version() > stored_version(current);
-        if current.deleted || !newer {
-            return Ok(Applied::Stale);
-        }
+    greatest.into_values().collect()
+}
+
+const COLUMNS: [&str; 15] = [
+    "id",
+    "email",
+    "first_name",
+    "last_name",
+    "phone",
+    "company",
+    "title",
+    "data",
+    "source_created_at",
+    "source_updated_at",
+    "event_timestamp",
+    "last_event_id",
+    "deleted",
+    "deleted_at",
+    "updated_at",
+];
+
+/// Applies `changes` inside the caller's transaction with ONE statement: an upsert of the
+/// greatest change of each contact that overwrites a stored row only when it is greater in the
+/// total order (the comparison runs on the locked, newest row, so concurrent consumers agree).
+/// Returns the event ids that are now the state of their contact.
+pub async fn apply<C: ConnectionTrait>(
+    conn: &C,
+    changes: &[&ContactChange],
+) -> Result<BTreeSet<String>, DbErr> {
+    let rows: Vec<ContactRow> = greatest_per_contact(changes.iter().copied())
+        .into_iter()
+        .map(ContactChange::row)
+        .collect();
+    if rows.is_empty() {
+        return Ok(BTreeSet::new());
     }
-    let text = |field: &str| {
-        change
-            .data
-            .get(field)
-            .and_then(Value::as_str)
-            .map(str::to_owned)
+    let now = Utc::now();
+    let mut values: Vec<SqlValue> = Vec::with_capacity(rows.len() * COLUMNS.len());
+    let mut tuples = Vec::with_capacity(rows.len());
+    for row in rows {
+        let first = values.len();
+        values.extend([
+            row.id.into(),
+            row.email.into(),
+            row.first_name.into(),
+            row.last_name.into(),
+            row.phone.into(),
+            row.company.into(),
+            row.title.into(),
+            row.data.into(),
+            row.source_created_at.into(),
+            row.source_updated_at.into(),
+            row.event_timestamp.into(),
+            row.last_event_id.into(),
+            row.deleted.into(),
+            row.deleted_at.into(),
+            now.into(),
+        ]);
+        tuples.push(placeholders(first, COLUMNS.len()));
+    }
+    let version = |table: &str| {
+        format!(
+            "({table}.deleted, COALESCE({table}.source_updated_at, {table}.event_timestamp), \
+             {table}.event_timestamp, {table}.last_event_id)"
+        )
     };
-    let deleted = change.event_type == EventType::Deleted;
-    let mut model = contact::ActiveModel {
-        id: Set(change.contact_id.clone()),
-        data: Set(change.data.clone()),
-        event_timestamp: Set(change.timestamp),
-        last_event_id: Set(change.event_id.clone()),
-        deleted: Set(deleted),
-        deleted_at: Set(deleted.then_some(change.timestamp)),
-        updated_at: Set(Utc::now()),
-        ..Default::default()
-    };
-    if deleted {
-        // Keep what we knew of the contact; only mark it gone.
-        model.source_updated_at = Set(change
-            .updated_at
-            .or(existing.as_ref().and_then(|c| c.source_updated_at)));
-    } else {
-        model.email = Set(text("email"));
-        model.first_name = Set(text("firstName"));
-        model.last_name = Set(text("lastName"));
-        model.phone = Set(text("phone"));
-        model.company = Set(text("company"));
-        model.title = Set(text("title"));
-        model.source_created_at = Set(rfc3339_field(&change.data, "createdAt"));
-        model.source_updated_at = Set(change.updated_at);
-    }
-    match existing {
-        Some(current) => {
-            if deleted {
-                model.data = Set(current.data);
-            }
-            contact::Entity::update(model).exec(conn).await?;
+    let updates: Vec<String> = COLUMNS[1..]
+        .iter()
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect();
+    // Plain SQL both PostgreSQL and SQLite run (row values, ON CONFLICT ... WHERE, RETURNING).
+    let sql = format!(
+        "INSERT INTO contacts ({}) VALUES {} ON CONFLICT (id) DO UPDATE SET {} \
+         WHERE {} > {} RETURNING last_event_id",
+        COLUMNS.join(", "),
+        tuples.join(", "),
+        updates.join(", "),
+        version("excluded"),
+        version("contacts"),
+    );
+    let changed = conn
+        .query_all_raw(Statement::from_sql_and_values(
+            conn.get_database_backend(),
+            sql,
+            values,
+        ))
+        .await?;
+    changed
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect()
+}
+
+/// `($first+1, ..., $first+n)`: `$n` placeholders, which PostgreSQL and SQLite both take.
+pub(crate) fn placeholders(first: usize, n: usize) -> String {
+    let list: Vec<String> = (first + 1..=first + n).map(|i| format!("${i}")).collect();
+    format!("({})", list.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(event: &str, id: &str, updated_minute: Option<u32>, ts_minute: u32) -> ContactChange {
+        let at = |m: u32| format!("2025-05-19T10:{m:02}:00Z");
+        let mut data = json!({ "id": "c1", "email": format!("{id}@example.com") });
+        if let Some(m) = updated_minute {
+            data["updatedAt"] = json!(at(m));
         }
-        None => {
-            contact::Entity::insert(model)
-                .exec_without_returning(conn)
-                .await?;
-        }
+        ContactChange::from_payload(&json!({
+            "id": id, "event": event, "timestamp": at(ts_minute), "data": data,
+        }))
+        .expect("valid")
     }
-    Ok(Applied::Changed)
+
+    #[test]
+    fn a_deletion_outranks_any_update_and_ties_fall_to_the_event_id() {
+        let update = change("contact.updated", "e1", Some(30), 30);
+        let older_delete = change("contact.deleted", "e2", None, 1);
+        assert!(older_delete.version() > update.version());
+        let twin = change("contact.updated", "e0", Some(30), 30);
+        assert!(update.version() > twin.version());
+        let picked = greatest_per_contact([&twin, &update, &older_delete]);
+        assert_eq!(picked.len(), 1);
+        assert_eq!(picked[0].event_id, "e2");
+    }
+
+    #[test]
+    fn a_tombstone_keeps_no_personal_field() {
+        let row = change("contact.deleted", "e9", None, 5).row();
+        assert!(row.deleted);
+        assert_eq!(row.email, None);
+        assert_eq!(row.data, json!({ "id": "c1" }));
+        assert_eq!(row.deleted_at, Some(row.event_timestamp));
+    }
 }

@@ -177,6 +177,29 @@ pub struct OutboxSummary {
     pub parked: i64,
     pub oldest_claimable_age_secs: f64,
     pub topics: Vec<TopicBacklog>,
+    /// Acknowledged events not yet processed (published or not): the golden signal.
+    pub unprocessed: i64,
+    /// Age of the oldest of them, in seconds (0 when there is none).
+    pub oldest_unprocessed_age_secs: f64,
+    /// Events still pending that the relay's safety net has published again at least once.
+    pub republished_pending: i64,
+    /// Every partition of the consumer group (Kafka mode): its next offset, lag and owner.
+    pub partitions: Vec<PartitionView>,
+}
+
+/// One partition of the consumer group.
+#[derive(Object, Debug, Clone, serde::Deserialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionView {
+    pub topic: String,
+    pub partition: i32,
+    /// The first offset not yet applied (absent: nothing applied yet).
+    pub next_offset: Option<i64>,
+    /// Messages not yet applied, as of the last high watermark a consumer read.
+    pub lag: Option<i64>,
+    /// Whether a live consumer holds the partition.
+    pub owned: bool,
 }
 
 const MAX_PAGE: u64 = 500;
@@ -425,6 +448,13 @@ async fn requeue_failed(
 }
 
 #[derive(FromQueryResult)]
+struct UnprocessedRow {
+    unprocessed: i64,
+    oldest: Option<DateTime<Utc>>,
+    republished: i64,
+}
+
+#[derive(FromQueryResult)]
 struct BacklogRow {
     topic: String,
     pending: i64,
@@ -469,7 +499,39 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<OutboxSummary, DbErr> {
             oldest_claimable_age_secs: age(r.oldest_claimable),
         })
         .collect();
+    let unprocessed = UnprocessedRow::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        "SELECT COUNT(*) AS unprocessed, MIN(created_at) AS oldest, \
+           (SELECT COUNT(DISTINCT o.event_id) FROM outbox o JOIN webhook_events e \
+              ON e.event_id = o.event_id WHERE o.republished > 0 AND e.status = $1) AS republished \
+         FROM webhook_events WHERE status = $2",
+        [
+            webhook_event::STATUS_PENDING.into(),
+            webhook_event::STATUS_PENDING.into(),
+        ],
+    ))
+    .one(db)
+    .await?;
+    let partitions = if backend == DatabaseBackend::Postgres {
+        relay::partitions::partition_states(db)
+            .await?
+            .into_iter()
+            .map(|p| PartitionView {
+                lag: p.lag(),
+                topic: p.topic,
+                partition: p.partition,
+                next_offset: p.next_offset,
+                owned: p.owned,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(OutboxSummary {
+        unprocessed: unprocessed.as_ref().map_or(0, |u| u.unprocessed),
+        oldest_unprocessed_age_secs: age(unprocessed.as_ref().and_then(|u| u.oldest)),
+        republished_pending: unprocessed.as_ref().map_or(0, |u| u.republished),
+        partitions,
         pending: topics.iter().map(|t| t.pending).sum(),
         parked: topics.iter().map(|t| t.parked).sum(),
         oldest_claimable_age_secs: topics
@@ -501,6 +563,27 @@ pub async fn refresh_backlog_gauges(
                     set_gauges(&t.topic, t.pending, t.parked, t.oldest_claimable_age_secs);
                 }
                 metrics::gauge!("outbox_pending_total").set(summary.pending as f64);
+                metrics::gauge!("events_unprocessed").set(summary.unprocessed as f64);
+                metrics::gauge!("events_oldest_unprocessed_age_seconds")
+                    .set(summary.oldest_unprocessed_age_secs);
+                metrics::gauge!("events_republished_pending")
+                    .set(summary.republished_pending as f64);
+                metrics::gauge!("consumer_partitions_unowned")
+                    .set(summary.partitions.iter().filter(|p| !p.owned).count() as f64);
+                for p in &summary.partitions {
+                    let labels = [
+                        ("topic", p.topic.clone()),
+                        ("partition", p.partition.to_string()),
+                    ];
+                    metrics::gauge!("consumer_partition_owned", &labels).set(if p.owned {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                    if let Some(lag) = p.lag {
+                        metrics::gauge!("consumer_lag", &labels).set(lag as f64);
+                    }
+                }
                 metrics::gauge!("outbox_oldest_claimable_age_seconds_max")
                     .set(summary.oldest_claimable_age_secs);
             }

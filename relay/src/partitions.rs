@@ -1,0 +1,444 @@
+//! Who consumes which partition, and from where: both kept in PostgreSQL, next to the work.
+//!
+//! Kafka's group protocol is not used. Each consumer process is a *member*: it holds a shared
+//! advisory lock on its group's key on a session of its own, so the members alive are the
+//! sessions holding that lock. Each partition has a row in `consumer_partitions`; its id is the
+//! key of an exclusive advisory lock, and whoever holds the lock consumes the partition (with a
+//! manual `assign()`), starting from the row's `next_offset`. Every batch writes the new
+//! `next_offset` in the transaction that applies it, only while the row still names the member
+//! as `owner` (the fencing token), so a member that lost its partition cannot move it.
+//!
+//! A member that dies loses its session, and PostgreSQL drops its locks at once (a killed
+//! process closes its socket; a vanished host is noticed through TCP keepalives set on the
+//! session). The other members see free partitions at their next rebalance tick and take them.
+//! Shares are even: a member takes free partitions up to `ceil(partitions / members)` and gives
+//! back what it holds above that.
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use chrono::Utc;
+use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
+use sea_orm::sqlx::{self, ConnectOptions, Row};
+use sea_orm::{ConnectionTrait, DbErr, Statement, Value as SqlValue};
+
+/// A topic partition.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopicPartition {
+    pub topic: String,
+    pub partition: i32,
+}
+
+impl fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}[{}]", self.topic, self.partition)
+    }
+}
+
+/// First key of the members' shared lock (two-int advisory lock form): "acmm".
+const MEMBER_LOCK_CLASS: i32 = 0x6163_6d6d;
+/// First key of the partitions' exclusive locks: "acmp"; the second is the partition row id.
+const PARTITION_LOCK_CLASS: i32 = 0x6163_6d70;
+
+/// The second key of a group's member lock: a stable 31-bit hash of the group id (FNV-1a).
+fn group_key(group: &str) -> i32 {
+    let hash = group.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    (hash & 0x7fff_ffff) as i32
+}
+
+/// A batch's offsets for a member's partitions, to write in the batch's transaction.
+#[derive(Clone, Debug)]
+pub struct OffsetCommit {
+    pub group: String,
+    pub owner: String,
+    /// Next offset to consume, per partition.
+    pub next: BTreeMap<TopicPartition, i64>,
+}
+
+/// Some partitions of a batch are owned by another member now.
+#[derive(Debug, thiserror::Error)]
+#[error("partitions no longer owned by this member: {0:?}")]
+pub struct Fenced(pub Vec<String>);
+
+impl OffsetCommit {
+    /// Moves each partition's `next_offset` forward, only where this member is still the owner.
+    pub async fn write<C: ConnectionTrait>(
+        &self,
+        conn: &C,
+    ) -> Result<(), crate::processor::BatchError> {
+        if self.next.is_empty() {
+            return Ok(());
+        }
+        let mut values: Vec<SqlValue> = vec![
+            Utc::now().into(),
+            self.group.clone().into(),
+            self.owner.clone().into(),
+        ];
+        let mut rows = Vec::with_capacity(self.next.len());
+        for (tp, next) in &self.next {
+            let n = values.len();
+            rows.push(format!("(${}, ${}::int4, ${}::int8)", n + 1, n + 2, n + 3));
+            values.extend([tp.topic.clone().into(), tp.partition.into(), (*next).into()]);
+        }
+        let sql = format!(
+            "UPDATE consumer_partitions AS p \
+             SET next_offset = GREATEST(COALESCE(p.next_offset, 0), v.next_offset), committed_at = $1 \
+             FROM (VALUES {}) AS v(topic, partition, next_offset) \
+             WHERE p.group_id = $2 AND p.owner = $3 AND p.topic = v.topic AND p.partition = v.partition \
+             RETURNING p.topic, p.partition",
+            rows.join(", ")
+        );
+        let written = conn
+            .query_all_raw(Statement::from_sql_and_values(
+                conn.get_database_backend(),
+                sql,
+                values,
+            ))
+            .await?;
+        if written.len() == self.next.len() {
+            return Ok(());
+        }
+        let mut lost: BTreeSet<String> = self.next.keys().map(ToString::to_string).collect();
+        for row in written {
+            let tp = TopicPartition {
+                topic: row.try_get_by_index(0)?,
+                partition: row.try_get_by_index(1)?,
+            };
+            lost.remove(&tp.to_string());
+        }
+        Err(Fenced(lost.into_iter().collect()).into())
+    }
+}
+
+/// What one rebalance changed for this member.
+#[derive(Debug, Default)]
+pub struct Rebalance {
+    /// Newly owned partitions and the offset to start from (`None`: from the beginning).
+    pub acquired: Vec<(TopicPartition, Option<i64>)>,
+    /// Partitions given back (already unlocked: stop consuming them).
+    pub released: Vec<TopicPartition>,
+}
+
+/// This process's membership: a PostgreSQL session of its own holding the locks.
+pub struct Membership {
+    options: PgConnectOptions,
+    session: Option<PgConnection>,
+    group: String,
+    member: String,
+    /// Owned partitions by lock key (the row id).
+    held: BTreeMap<TopicPartition, i32>,
+    /// The partitions whose rows exist.
+    known: BTreeSet<TopicPartition>,
+}
+
+impl Membership {
+    /// `options` are the service's database connection options (the session is separate from
+    /// the pool: a pooled connection could be recycled and silently drop the locks).
+    pub fn new(options: PgConnectOptions, group: &str) -> Self {
+        let member = format!("{}-{}-{:x}", hostname(), std::process::id(), rand_suffix());
+        Self {
+            options,
+            session: None,
+            group: group.to_owned(),
+            member,
+            held: BTreeMap::new(),
+            known: BTreeSet::new(),
+        }
+    }
+
+    /// The fencing token written as `owner`.
+    pub fn member_id(&self) -> &str {
+        &self.member
+    }
+
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    pub fn owned(&self) -> impl Iterator<Item = &TopicPartition> {
+        self.held.keys()
+    }
+
+    /// Everything this member held is gone (its session died, or it was fenced): forget it
+    /// and start a new session at the next rebalance. Returns what it held.
+    pub fn reset(&mut self) -> Vec<TopicPartition> {
+        self.session = None;
+        std::mem::take(&mut self.held).into_keys().collect()
+    }
+
+    /// Gives back one partition on `session`.
+    async fn release(
+        &mut self,
+        session: &mut PgConnection,
+        tp: &TopicPartition,
+    ) -> Result<(), sqlx::Error> {
+        let Some(key) = self.held.remove(tp) else {
+            return Ok(());
+        };
+        sqlx::query("UPDATE consumer_partitions SET owner = NULL WHERE id = $1 AND owner = $2")
+            .bind(key)
+            .bind(&self.member)
+            .execute(&mut *session)
+            .await?;
+        sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(PARTITION_LOCK_CLASS)
+            .bind(key)
+            .execute(&mut *session)
+            .await?;
+        Ok(())
+    }
+
+    /// The membership session, opened (and the group joined) if there is none.
+    async fn take_session(&mut self) -> Result<PgConnection, sqlx::Error> {
+        if let Some(session) = self.session.take() {
+            return Ok(session);
+        }
+        let mut session = self
+            .options
+            .clone()
+            .application_name("acme-webhooks consumer membership")
+            .connect()
+            .await?;
+        // Let the server notice a vanished host within ~10 s, not the OS default of hours.
+        sqlx::query(
+            "SELECT set_config('tcp_keepalives_idle', '5', false), \
+                    set_config('tcp_keepalives_interval', '1', false), \
+                    set_config('tcp_keepalives_count', '5', false)",
+        )
+        .execute(&mut session)
+        .await?;
+        sqlx::query("SELECT pg_advisory_lock_shared($1, $2)")
+            .bind(MEMBER_LOCK_CLASS)
+            .bind(group_key(&self.group))
+            .execute(&mut session)
+            .await?;
+        tracing::info!(member = %self.member, group = %self.group, "joined the consumer group");
+        Ok(session)
+    }
+
+    /// One round: make sure `partitions` have rows, then take free partitions up to a fair
+    /// share and give back any above it. An error means the session is unusable: `reset`.
+    pub async fn rebalance(
+        &mut self,
+        partitions: &BTreeSet<TopicPartition>,
+    ) -> Result<Rebalance, sqlx::Error> {
+        // On error the session is dropped, which ends it and releases its locks: whatever
+        // failed, this member then holds nothing, as `reset` assumes.
+        let mut session = self.take_session().await?;
+        let change = self.rebalance_on(&mut session, partitions).await?;
+        self.session = Some(session);
+        Ok(change)
+    }
+
+    async fn rebalance_on(
+        &mut self,
+        session: &mut PgConnection,
+        partitions: &BTreeSet<TopicPartition>,
+    ) -> Result<Rebalance, sqlx::Error> {
+        let group = self.group.clone();
+        let member = self.member.clone();
+        let new: Vec<&TopicPartition> = partitions.difference(&self.known).collect();
+        if !new.is_empty() {
+            let topics: Vec<&str> = new.iter().map(|tp| tp.topic.as_str()).collect();
+            let numbers: Vec<i32> = new.iter().map(|tp| tp.partition).collect();
+            sqlx::query(
+                "INSERT INTO consumer_partitions (group_id, topic, partition) \
+                 SELECT $1, t, p FROM unnest($2::text[], $3::int4[]) AS x(t, p) \
+                 ON CONFLICT (group_id, topic, partition) DO NOTHING",
+            )
+            .bind(&group)
+            .bind(&topics)
+            .bind(&numbers)
+            .execute(&mut *session)
+            .await?;
+        }
+        // Every partition row of the group, whether some session holds its lock, and how many
+        // members there are (this one included).
+        let rows = sqlx::query(
+            "WITH locks AS (SELECT classid::int8 AS class, objid::int8 AS obj FROM pg_locks \
+               WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+             SELECT p.id, p.topic, p.partition, \
+                    EXISTS (SELECT 1 FROM locks WHERE class = $2 AND obj = p.id) AS locked, \
+                    (SELECT COUNT(*) FROM locks WHERE class = $3 AND obj = $4) AS members \
+             FROM consumer_partitions p WHERE p.group_id = $1 ORDER BY p.topic, p.partition",
+        )
+        .bind(&group)
+        .bind(i64::from(PARTITION_LOCK_CLASS))
+        .bind(i64::from(MEMBER_LOCK_CLASS))
+        .bind(i64::from(group_key(&group)))
+        .fetch_all(&mut *session)
+        .await?;
+        self.known = partitions.clone();
+
+        let mut free = Vec::new();
+        let mut members = 1i64;
+        let mut total = 0usize;
+        for row in &rows {
+            let tp = TopicPartition {
+                topic: row.try_get("topic")?,
+                partition: row.try_get("partition")?,
+            };
+            members = row.try_get::<i64, _>("members")?.max(1);
+            if !partitions.contains(&tp) {
+                continue; // a topic this member does not consume
+            }
+            total += 1;
+            let locked: bool = row.try_get("locked")?;
+            if !locked {
+                free.push((tp, row.try_get::<i32, _>("id")?));
+            }
+        }
+        let fair = total.div_ceil(usize::try_from(members).unwrap_or(1));
+        let mut change = Rebalance::default();
+
+        while self.held.len() > fair {
+            let Some(tp) = self.held.keys().next_back().cloned() else {
+                break;
+            };
+            self.release(session, &tp).await?;
+            change.released.push(tp);
+        }
+        for (tp, key) in free {
+            if self.held.len() >= fair {
+                break;
+            }
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(PARTITION_LOCK_CLASS)
+                .bind(key)
+                .fetch_one(&mut *session)
+                .await?;
+            if !locked {
+                continue; // another member was faster
+            }
+            // Taking `owner` waits for a commit of the previous owner still in flight, and
+            // reads the offset that commit wrote.
+            let next: Option<i64> = sqlx::query_scalar(
+                "UPDATE consumer_partitions SET owner = $1, owned_since = now() \
+                 WHERE id = $2 RETURNING next_offset",
+            )
+            .bind(&member)
+            .bind(key)
+            .fetch_one(&mut *session)
+            .await?;
+            self.held.insert(tp.clone(), key);
+            change.acquired.push((tp, next));
+        }
+        if !change.acquired.is_empty() || !change.released.is_empty() {
+            tracing::info!(
+                member = %self.member,
+                members,
+                owned = self.held.len(),
+                acquired = ?change.acquired.iter().map(|(tp, _)| tp.to_string()).collect::<Vec<_>>(),
+                released = ?change.released.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "partition ownership changed"
+            );
+        }
+        Ok(change)
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".to_owned())
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    hasher.finish() & 0xffff_ffff
+}
+
+/// Per partition of `group`: next offset, high watermark, whether a member holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionState {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: Option<i64>,
+    pub high_watermark: Option<i64>,
+    pub owned: bool,
+}
+
+impl PartitionState {
+    /// Messages on the partition not yet applied (as of the last watermark reading).
+    pub fn lag(&self) -> Option<i64> {
+        self.high_watermark
+            .map(|high| (high - self.next_offset.unwrap_or(0)).max(0))
+    }
+}
+
+/// Reads every partition of every group in the database (PostgreSQL only).
+pub async fn partition_states<C: ConnectionTrait>(conn: &C) -> Result<Vec<PartitionState>, DbErr> {
+    let sql = format!(
+        "SELECT p.topic, p.partition, p.next_offset, p.high_watermark, \
+           EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
+             AND l.objsubid = 2 AND l.classid::int8 = {PARTITION_LOCK_CLASS} AND l.objid::int8 = p.id \
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+         FROM consumer_partitions p ORDER BY p.topic, p.partition"
+    );
+    let rows = conn
+        .query_all_raw(Statement::from_string(conn.get_database_backend(), sql))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(PartitionState {
+                topic: r.try_get_by_index(0)?,
+                partition: r.try_get_by_index(1)?,
+                next_offset: r.try_get_by_index(2)?,
+                high_watermark: r.try_get_by_index(3)?,
+                owned: r.try_get_by_index(4)?,
+            })
+        })
+        .collect()
+}
+
+/// Records the high watermarks a consumer read (for lag, shown by every role).
+pub async fn record_watermarks<C: ConnectionTrait>(
+    conn: &C,
+    group: &str,
+    watermarks: &[(TopicPartition, i64)],
+) -> Result<(), DbErr> {
+    if watermarks.is_empty() {
+        return Ok(());
+    }
+    let mut values: Vec<SqlValue> = vec![Utc::now().into(), group.into()];
+    let mut rows = Vec::with_capacity(watermarks.len());
+    for (tp, high) in watermarks {
+        let n = values.len();
+        rows.push(format!("(${}, ${}::int4, ${}::int8)", n + 1, n + 2, n + 3));
+        values.extend([tp.topic.clone().into(), tp.partition.into(), (*high).into()]);
+    }
+    let sql = format!(
+        "UPDATE consumer_partitions AS p SET high_watermark = v.high, watermark_at = $1 \
+         FROM (VALUES {}) AS v(topic, partition, high) \
+         WHERE p.group_id = $2 AND p.topic = v.topic AND p.partition = v.partition",
+        rows.join(", ")
+    );
+    conn.execute_raw(Statement::from_sql_and_values(
+        conn.get_database_backend(),
+        sql,
+        values,
+    ))
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_keys_are_stable_non_negative_int4s() {
+        assert_eq!(group_key("acme-webhooks"), group_key("acme-webhooks"));
+        assert_ne!(group_key("a"), group_key("b"));
+        assert!(group_key("anything") >= 0);
+    }
+}
