@@ -9,7 +9,7 @@ use poem::listener::{Acceptor, TcpAcceptor};
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
 use relay::bus::Publisher;
-use relay::consumer::{KafkaEventConsumer, run_in_process};
+use relay::consumer::{KafkaEventConsumer, LagReporter, run_in_process};
 use relay::kafka::KafkaPublisher;
 use relay::outbox_relay::{OutboxRelay, republish_pending};
 use relay::processor::EventProcessor;
@@ -29,6 +29,15 @@ use crate::routes::health::HealthApi;
 use crate::routes::webhooks::WebhookApi;
 use crate::signature::SignatureVerifier;
 use crate::{db, dev, telemetry};
+
+/// What the operations endpoints (`/healthz`, `/readyz`, `/metrics`) need; every role serves
+/// them.
+pub struct OpsState {
+    pub config: Arc<Config>,
+    pub db: DatabaseConnection,
+    /// The consumer's view of its group (consume role over Kafka): part of readiness.
+    pub consumer: Option<LagReporter>,
+}
 
 /// Everything a request handler needs.
 pub struct AppState {
@@ -63,8 +72,22 @@ pub fn openapi_yaml() -> String {
     make_api_service().spec_yaml()
 }
 
+/// The endpoints of a process that runs no HTTP API (`relay`, `consume`): the operations
+/// endpoints alone, on `http.bind`.
+pub fn ops_app(ops: Arc<OpsState>) -> impl Endpoint {
+    let api = OpenApiService::new(
+        HealthApi,
+        "acme-webhooks operations",
+        env!("CARGO_PKG_VERSION"),
+    );
+    Route::new()
+        .nest("/", api)
+        .data(ops)
+        .around(crate::middleware::observe)
+}
+
 /// The HTTP application around `state`.
-pub fn http_app(state: Arc<AppState>) -> impl Endpoint {
+pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
     let api = make_api_service();
     let docs = api.swagger_ui();
     let spec_json = api.spec_endpoint();
@@ -76,6 +99,7 @@ pub fn http_app(state: Arc<AppState>) -> impl Endpoint {
         .at("/openapi.json", spec_json)
         .at("/openapi.yaml", spec_yaml)
         .data(state)
+        .data(ops)
         .data(limit)
         .around(crate::middleware::observe)
 }
@@ -113,7 +137,7 @@ impl Roles {
 
 /// A running service.
 pub struct Service {
-    /// Where the HTTP server listens (when the HTTP role runs).
+    /// Where the HTTP server listens (the API, or only the operations endpoints).
     pub http_addr: Option<SocketAddr>,
     /// The webhook secrets in force (generated ones included), for the startup banner.
     pub secrets: Vec<Secret>,
@@ -188,6 +212,7 @@ impl Service {
             }
             tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
         }
+        let mut consumer_health = None;
         if roles.consumer {
             if embedded_bus {
                 tasks.spawn(run_in_process(
@@ -211,6 +236,7 @@ impl Service {
                 .await
                 .context("creating the Kafka consumer")?;
                 let lag = consumer.lag_reporter();
+                consumer_health = Some(lag.clone());
                 let interval = Duration::from_secs(config.metrics.backlog_refresh_secs);
                 let stop = shutdown.clone();
                 tasks.spawn(async move {
@@ -223,9 +249,13 @@ impl Service {
             }
         }
 
-        let mut http_addr = None;
         let mut secrets = Vec::new();
-        if roles.http {
+        let ops = Arc::new(OpsState {
+            config: config.clone(),
+            db: db.clone(),
+            consumer: consumer_health,
+        });
+        let app = if roles.http {
             secrets = dev::resolve_secrets(&config)?;
             let state = Arc::new(AppState {
                 config: config.clone(),
@@ -245,6 +275,11 @@ impl Service {
                     },
                 ),
             });
+            http_app(state, ops).map_to_response().boxed()
+        } else {
+            ops_app(ops).map_to_response().boxed()
+        };
+        let http_addr = {
             let listener = match listener {
                 Some(listener) => listener,
                 None => std::net::TcpListener::bind(config.http.bind)
@@ -252,12 +287,11 @@ impl Service {
             };
             listener.set_nonblocking(true)?;
             let acceptor = TcpAcceptor::from_std(listener)?;
-            http_addr = acceptor
+            let http_addr = acceptor
                 .local_addr()
                 .first()
                 .and_then(|a| a.as_socket_addr().copied());
             let server = poem::Server::new_with_acceptor(acceptor);
-            let app = http_app(state);
             let stop = shutdown.clone();
             tasks.spawn(async move {
                 let result = server
@@ -271,14 +305,13 @@ impl Service {
                     tracing::error!(%error, "HTTP server failed");
                 }
             });
-        }
-        {
-            tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
-                db.clone(),
-                Duration::from_secs(config.metrics.backlog_refresh_secs),
-                shutdown.clone(),
-            ));
-        }
+            http_addr
+        };
+        tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
+            db.clone(),
+            Duration::from_secs(config.metrics.backlog_refresh_secs),
+            shutdown.clone(),
+        ));
         Ok(Self {
             http_addr,
             secrets,

@@ -22,7 +22,7 @@ use crate::config::{ConsumerConfig, KafkaConfig, backoff};
 use crate::event::{HEADER_ERROR, HEADER_EVENT_ID};
 use crate::kafka::KafkaPublisher;
 use crate::partitions::{
-    Membership, OffsetCommit, TopicPartition, partition_states, record_watermarks,
+    GroupHealth, Membership, OffsetCommit, TopicPartition, partition_states, record_watermarks,
 };
 use crate::processor::{BatchError, EventProcessor, Outcome};
 
@@ -432,6 +432,8 @@ impl KafkaEventConsumer {
             consumer: self.consumer.clone(),
             db: self.db.clone(),
             kafka: self.kafka.clone(),
+            member: self.membership.member_id().to_owned(),
+            health: Arc::default(),
         }
     }
 }
@@ -523,15 +525,27 @@ async fn event_partitions(
     .unwrap_or_else(|_| Ok(BTreeSet::new()))
 }
 
-/// Records high watermarks and logs the consumer group's health.
+/// Records high watermarks and checks the consumer group's health.
 #[derive(Clone)]
 pub struct LagReporter {
     consumer: Arc<StreamConsumer>,
     db: DatabaseConnection,
     kafka: KafkaConfig,
+    member: String,
+    health: Arc<std::sync::Mutex<Option<GroupHealth>>>,
 }
 
 impl LagReporter {
+    /// The health found by the last `report` (`None` before the first).
+    pub fn health(&self) -> Option<GroupHealth> {
+        self.health
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records the watermarks, then checks and logs the group's health (a WARN line when a
+    /// partition has no consumer or one of this member's partitions stalled).
     pub async fn report(&self) {
         let partitions = match event_partitions(self.consumer.clone(), &self.kafka).await {
             Ok(partitions) => partitions,
@@ -559,14 +573,12 @@ impl LagReporter {
         }
         match partition_states(&self.db).await {
             Ok(states) => {
-                let unowned: Vec<String> = states
-                    .iter()
-                    .filter(|s| !s.owned)
-                    .map(|s| format!("{}[{}]", s.topic, s.partition))
-                    .collect();
-                if !unowned.is_empty() {
-                    tracing::warn!(?unowned, "consumer health: partitions without a consumer");
+                let health = GroupHealth::of(&states, &self.member);
+                if !health.healthy() {
+                    tracing::warn!(unowned = ?health.unowned, stalled = ?health.stalled,
+                        "consumer health: partitions not being consumed");
                 }
+                *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
             }
             Err(error) => tracing::debug!(%error, "could not read partition states"),
         }

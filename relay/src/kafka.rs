@@ -192,10 +192,12 @@ async fn create_producer(config: ClientConfig) -> Result<Arc<FutureProducer>, Ka
 }
 
 /// The event consumer: partitions are assigned by hand (ownership lives in PostgreSQL, see
-/// `partitions`), so it joins no Kafka group and commits nothing to Kafka.
+/// `partitions`), so it never joins the Kafka group (librdkafka wants a `group.id` for manual
+/// assignment all the same) and commits nothing to Kafka.
 pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, KafkaError> {
     let mut client_config = client_config(config);
     client_config
+        .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         // Only for a stored offset the log no longer holds (retention): start from the oldest.

@@ -358,13 +358,17 @@ fn rand_suffix() -> u64 {
 }
 
 /// Per partition of `group`: next offset, high watermark, whether a member holds it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PartitionState {
     pub topic: String,
     pub partition: i32,
     pub next_offset: Option<i64>,
     pub high_watermark: Option<i64>,
     pub owned: bool,
+    /// The member recorded as owner (possibly a dead one, when `owned` is false).
+    pub owner: Option<String>,
+    /// Seconds since its offset last moved or it was taken, whichever is later.
+    pub idle_secs: Option<f64>,
 }
 
 impl PartitionState {
@@ -382,6 +386,8 @@ pub async fn partition_states<C: ConnectionTrait>(conn: &C) -> Result<Vec<Partit
            EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
              AND l.objsubid = 2 AND l.classid::int8 = {PARTITION_LOCK_CLASS} AND l.objid::int8 = p.id \
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+           , p.owner, \
+           CAST(EXTRACT(EPOCH FROM now() - GREATEST(p.committed_at, p.owned_since)) AS FLOAT8) \
          FROM consumer_partitions p ORDER BY p.topic, p.partition"
     );
     let rows = conn
@@ -395,9 +401,46 @@ pub async fn partition_states<C: ConnectionTrait>(conn: &C) -> Result<Vec<Partit
                 next_offset: r.try_get_by_index(2)?,
                 high_watermark: r.try_get_by_index(3)?,
                 owned: r.try_get_by_index(4)?,
+                owner: r.try_get_by_index(5)?,
+                idle_secs: r.try_get_by_index(6)?,
             })
         })
         .collect()
+}
+
+/// What a consumer process last found out about its group: partitions nobody consumes, and
+/// partitions it owns that have messages waiting but did not move for a while.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupHealth {
+    pub unowned: Vec<String>,
+    pub stalled: Vec<String>,
+}
+
+impl GroupHealth {
+    /// A partition this member owns that did not move for this long while messages wait on it
+    /// is stalled.
+    pub const STALL_AFTER_SECS: f64 = 30.0;
+
+    pub fn of(states: &[PartitionState], member: &str) -> Self {
+        let name = |s: &PartitionState| format!("{}[{}]", s.topic, s.partition);
+        Self {
+            unowned: states.iter().filter(|s| !s.owned).map(name).collect(),
+            stalled: states
+                .iter()
+                .filter(|s| {
+                    s.owned
+                        && s.owner.as_deref() == Some(member)
+                        && s.lag().unwrap_or(0) > 0
+                        && s.idle_secs.unwrap_or(0.0) > Self::STALL_AFTER_SECS
+                })
+                .map(name)
+                .collect(),
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.unowned.is_empty() && self.stalled.is_empty()
+    }
 }
 
 /// Records the high watermarks a consumer read (for lag, shown by every role).

@@ -6,7 +6,7 @@ use poem::web::Data;
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
-use crate::app::AppState;
+use crate::app::OpsState;
 use crate::routes::ApiTags;
 use crate::telemetry::metrics_handle;
 
@@ -15,7 +15,7 @@ pub struct HealthApi;
 /// State of one dependency.
 #[derive(Object, Debug, Clone, serde::Deserialize)]
 pub struct DependencyStatus {
-    /// `database` or `kafka`.
+    /// `database`, `kafka` or `consumer`.
     pub name: String,
     /// Whether it answered in time.
     pub up: bool,
@@ -52,8 +52,11 @@ impl HealthApi {
     }
 
     /// Readiness: the database and (when configured) the Kafka broker answer
+    ///
+    /// A `consume` process also reports its consumer group: not ready while a partition has no
+    /// consumer or one of its own partitions has stopped moving with messages waiting.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
-    async fn readyz(&self, state: Data<&Arc<AppState>>) -> ReadyResponse {
+    async fn readyz(&self, state: Data<&Arc<OpsState>>) -> ReadyResponse {
         let database = match tokio::time::timeout(PROBE_TIMEOUT, state.db.ping()).await {
             Ok(Ok(())) => DependencyStatus {
                 name: "database".into(),
@@ -78,6 +81,24 @@ impl HealthApi {
                     ),
                 },
             );
+        }
+        if let Some(health) = state.consumer.as_ref().and_then(|c| c.health()) {
+            dependencies.push(if health.healthy() {
+                DependencyStatus {
+                    name: "consumer".into(),
+                    up: true,
+                    error: None,
+                }
+            } else {
+                DependencyStatus {
+                    name: "consumer".into(),
+                    up: false,
+                    error: Some(format!(
+                        "partitions without a consumer: {:?}; stalled partitions of this member: {:?}",
+                        health.unowned, health.stalled
+                    )),
+                }
+            });
         }
         let ready = dependencies.iter().all(|d| d.up);
         let body = Json(Readiness {

@@ -1,5 +1,6 @@
 //! Integration tests against real PostgreSQL and a real Kafka-protocol broker (Tansu).
 //! Run them with `scripts/test`, which provides both.
+mod consumers;
 mod docs;
 mod embedded;
 mod ingest;

@@ -96,9 +96,8 @@ impl TestApp {
             format: api::config::LogFormat::Text,
             filter: "warn".into(),
         });
-        let listener = roles
-            .http
-            .then(|| std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"));
+        // Every role serves HTTP: the API, or the operations endpoints alone.
+        let listener = Some(std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0"));
         let service = Service::start(config.clone(), roles, listener)
             .await
             .expect("service starts");
