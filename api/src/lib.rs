@@ -7,6 +7,7 @@ pub mod config;
 pub mod db;
 pub mod dev;
 pub mod error;
+pub mod http_server;
 pub mod ingest;
 pub mod loadgen;
 pub mod middleware;
