@@ -2,6 +2,7 @@
 //! Run them with `scripts/test`, which provides both.
 mod docs;
 mod embedded;
+mod hostile;
 mod ingest;
 mod loadgen;
 mod operations;
