@@ -7,7 +7,9 @@
 //!   could never be stored (and SQLite would store what PostgreSQL refuses).
 //!
 //! Lone surrogates (`"\ud800"`), numbers beyond f64 (`1e400`) and nesting deeper than 128 are
-//! refused by serde_json itself, as invalid JSON.
+//! refused by serde_json itself, as invalid JSON. Floats are read with serde_json's
+//! `float_roundtrip` (the default parse can be one unit in the last place off, so the stored
+//! number would differ from the signed one).
 use std::cell::RefCell;
 use std::fmt;
 
@@ -218,6 +220,14 @@ mod tests {
             assert_eq!(read.value, expected, "{body}");
             assert!(read.problems.is_empty(), "{body}");
         }
+    }
+
+    #[test]
+    fn floats_read_back_exactly() {
+        // Without serde_json's `float_roundtrip` this read as ...455e-219: the stored number
+        // would not have been the signed one.
+        let read = parse_strict(b"-2.5253317714948458e-219").expect("valid JSON");
+        assert_eq!(read.value.as_f64(), Some(-2.5253317714948458e-219));
     }
 
     #[test]

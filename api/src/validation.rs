@@ -409,4 +409,100 @@ mod tests {
             assert!(!is_valid_email(bad), "{bad}");
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::strict_json::parse_strict;
+
+        /// Any JSON value, with strings and keys drawn from all of Unicode (NUL included).
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    prop::collection::btree_map(any::<String>(), inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn no_nul_anywhere(value: &Value) -> bool {
+            match value {
+                Value::String(s) => !s.contains('\0'),
+                Value::Array(items) => items.iter().all(no_nul_anywhere),
+                Value::Object(map) => map
+                    .iter()
+                    .all(|(k, v)| !k.contains('\0') && no_nul_anywhere(v)),
+                _ => true,
+            }
+        }
+
+        /// The seed example with its bytes overwritten, inserted or cut at random places.
+        fn mangled_event() -> impl Strategy<Value = Vec<u8>> {
+            let seed = seed_example().to_string().into_bytes();
+            let len = seed.len();
+            prop::collection::vec((0..len, any::<u8>(), 0..3u8), 1..8).prop_map(move |edits| {
+                let mut body = seed.clone();
+                for (at, byte, kind) in edits {
+                    let at = at.min(body.len().saturating_sub(1));
+                    match kind {
+                        0 => body[at] = byte,
+                        1 => body.insert(at, byte),
+                        _ => {
+                            body.remove(at);
+                        }
+                    }
+                }
+                body
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = validate_event(&body);
+            }
+
+            #[test]
+            fn mangled_events_never_panic_and_what_passes_is_storable(body in mangled_event()) {
+                if let Ok(event) = validate_event(&body) {
+                    prop_assert!(no_nul_anywhere(&event.payload));
+                    prop_assert!(is_storable_id(&event.event_id));
+                    prop_assert!(is_storable_id(&event.contact_id));
+                }
+            }
+
+            #[test]
+            fn strict_reading_keeps_every_value_and_flags_every_nul(value in json_value()) {
+                let text = value.to_string();
+                let read = parse_strict(text.as_bytes()).expect("serde_json's output is JSON");
+                prop_assert_eq!(&read.value, &value);
+                prop_assert_eq!(read.problems.is_empty(), no_nul_anywhere(&value));
+            }
+
+            #[test]
+            fn any_event_that_passes_holds_no_nul(data in json_value(), id in any::<String>()) {
+                let body = json!({
+                    "event": "contact.deleted", "id": id, "timestamp": "2025-05-19T00:00:00Z",
+                    "data": data,
+                });
+                if let Ok(event) = validate_event(body.to_string().as_bytes()) {
+                    prop_assert!(no_nul_anywhere(&event.payload));
+                    prop_assert!(is_storable_id(&event.event_id));
+                }
+            }
+        }
+    }
 }

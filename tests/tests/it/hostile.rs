@@ -515,3 +515,87 @@ async fn connections_over_the_cap_get_503_and_service_resumes() {
     })
     .await;
 }
+
+/// Signed bodies drawn at random (arbitrary bytes, valid events with bytes overwritten, events
+/// with arbitrary Unicode in their fields): only 200 or 400, the same answer on PostgreSQL and on
+/// SQLite, and a row only for a 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_signed_bodies_never_get_a_5xx_in_either_mode() {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+
+    let seed = contact_event("contact.updated", "evt_p", "c5", "2025-05-19T00:00:00Z").to_string();
+    let len = seed.len();
+    let seed_bytes = seed.clone().into_bytes();
+    let mangled = prop::collection::vec((0..len, any::<u8>()), 1..4).prop_map(move |edits| {
+        let mut body = seed_bytes.clone();
+        for (at, byte) in edits {
+            body[at] = byte;
+        }
+        body
+    });
+    let unicode = (
+        any::<String>(),
+        any::<String>(),
+        any::<String>(),
+        0..1_000_000u32,
+    )
+        .prop_map(|(name, key, value, n)| {
+            let mut event = contact_event(
+                "contact.created",
+                &format!("evt_u_{n}"),
+                "c6",
+                "2025-05-19T00:00:00Z",
+            );
+            event["data"]["firstName"] = json!(name);
+            event["data"][key] = json!(value);
+            event.to_string().into_bytes()
+        });
+    let bodies = prop_oneof![prop::collection::vec(any::<u8>(), 0..300), mangled, unicode,];
+    let mut runner = TestRunner::deterministic();
+    let cases: Vec<Vec<u8>> = (0..300)
+        .map(|_| bodies.new_tree(&mut runner).expect("a case").current())
+        .collect();
+
+    let mut answers = Vec::new();
+    for sqlite in [false, true] {
+        let app = app_with(|_| {}, sqlite).await;
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        let mut these = Vec::new();
+        for body in &cases {
+            let signature = format!("sha256={}", api::signature::sign(SECRET.as_bytes(), body));
+            let response = app
+                .client
+                .post(app.url("/api/webhooks"))
+                .header("Content-Type", "application/json")
+                .header("X-Acme-Signature", signature)
+                .header("X-Acme-Timestamp", now_header())
+                .body(body.clone())
+                .send()
+                .await
+                .expect("request sent");
+            let status = response.status().as_u16();
+            *statuses.entry(status).or_default() += 1;
+            assert!(
+                status == 200 || status == 400,
+                "{status} for {:?}",
+                String::from_utf8_lossy(body)
+            );
+            if status == 400 {
+                error_body(response).await;
+            }
+            these.push(status);
+        }
+        println!("sqlite: {sqlite}; statuses: {statuses:?}");
+        let accepted = these.iter().filter(|s| **s == 200).count() as i64;
+        // The seed event, plus one row per accepted body (a repeated id is a duplicate).
+        let stored = app.count("SELECT COUNT(*) FROM webhook_events").await;
+        assert!(
+            stored <= accepted + 1,
+            "{stored} rows for {accepted} answers 200"
+        );
+        answers.push(these);
+    }
+    assert_eq!(answers[0], answers[1], "PostgreSQL and SQLite answer alike");
+}
