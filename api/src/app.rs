@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use poem::listener::{Acceptor, TcpAcceptor};
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
 use relay::bus::Publisher;
@@ -21,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client_ip::IpPolicy;
 use crate::config::{Config, Secret};
+use crate::http_server::{self, HttpLimits};
 use crate::ingest::{GroupCommit, IngestWriter};
 use crate::raw_body::BodyLimit;
 use crate::routes::admin::AdminApi;
@@ -93,6 +93,7 @@ pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
     let spec_json = api.spec_endpoint();
     let spec_yaml = api.spec_endpoint_yaml();
     let limit = BodyLimit(state.config.http.max_body_bytes);
+    let body_timeout = Duration::from_secs(state.config.http.body_read_timeout_secs);
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
@@ -101,6 +102,9 @@ pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
         .data(state)
         .data(ops)
         .data(limit)
+        .around(move |next, request| {
+            crate::middleware::read_body_within(next, request, body_timeout)
+        })
         .around(crate::middleware::observe)
 }
 
@@ -286,22 +290,12 @@ impl Service {
                     .with_context(|| format!("binding http.bind = {}", config.http.bind))?,
             };
             listener.set_nonblocking(true)?;
-            let acceptor = TcpAcceptor::from_std(listener)?;
-            let http_addr = acceptor
-                .local_addr()
-                .first()
-                .and_then(|a| a.as_socket_addr().copied());
-            let server = poem::Server::new_with_acceptor(acceptor);
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let http_addr = Some(listener.local_addr()?);
+            let limits = HttpLimits::from_config(&config.http);
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                let result = server
-                    .run_with_graceful_shutdown(
-                        app,
-                        stop.cancelled_owned(),
-                        Some(Duration::from_secs(10)),
-                    )
-                    .await;
-                if let Err(error) = result {
+                if let Err(error) = http_server::serve(listener, app, limits, stop).await {
                     tracing::error!(%error, "HTTP server failed");
                 }
             });

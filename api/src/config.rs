@@ -37,6 +37,10 @@ pub struct Config {
 pub struct HttpConfig {
     pub bind: SocketAddr,
     pub max_body_bytes: usize,
+    pub header_read_timeout_secs: u64,
+    pub body_read_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -178,6 +182,18 @@ impl Config {
         if self.http.max_body_bytes == 0 {
             return invalid("http.max_body_bytes", "must be greater than 0");
         }
+        if self.http.header_read_timeout_secs == 0 {
+            return invalid("http.header_read_timeout_secs", "must be greater than 0");
+        }
+        if self.http.body_read_timeout_secs == 0 {
+            return invalid("http.body_read_timeout_secs", "must be greater than 0");
+        }
+        if self.http.idle_timeout_secs == 0 {
+            return invalid("http.idle_timeout_secs", "must be greater than 0");
+        }
+        if self.http.max_connections == 0 {
+            return invalid("http.max_connections", "must be greater than 0");
+        }
         if self.webhook.timestamp_tolerance_secs == 0 {
             return invalid("webhook.timestamp_tolerance_secs", "must be greater than 0");
         }
@@ -288,6 +304,10 @@ mod tests {
         let config = Config::defaults();
         assert_eq!(config.http.bind.to_string(), "127.0.0.1:8080");
         assert_eq!(config.http.max_body_bytes, 262_144);
+        assert_eq!(config.http.header_read_timeout_secs, 10);
+        assert_eq!(config.http.body_read_timeout_secs, 30);
+        assert_eq!(config.http.idle_timeout_secs, 60);
+        assert_eq!(config.http.max_connections, 10_000);
         assert_eq!(config.webhook.timestamp_tolerance_secs, 300);
         assert!(config.webhook.secrets.is_empty());
         assert!(config.database.url.is_none());
@@ -361,6 +381,26 @@ mod tests {
                 "ACME_WEBHOOKS_HTTP__MAX_BODY_BYTES",
                 "0",
                 "http.max_body_bytes",
+            ),
+            (
+                "ACME_WEBHOOKS_HTTP__HEADER_READ_TIMEOUT_SECS",
+                "0",
+                "http.header_read_timeout_secs",
+            ),
+            (
+                "ACME_WEBHOOKS_HTTP__BODY_READ_TIMEOUT_SECS",
+                "0",
+                "http.body_read_timeout_secs",
+            ),
+            (
+                "ACME_WEBHOOKS_HTTP__IDLE_TIMEOUT_SECS",
+                "0",
+                "http.idle_timeout_secs",
+            ),
+            (
+                "ACME_WEBHOOKS_HTTP__MAX_CONNECTIONS",
+                "0",
+                "http.max_connections",
             ),
             ("ACME_WEBHOOKS_DATABASE__URL", "mysql://x", "database.url"),
             (

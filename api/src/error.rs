@@ -52,6 +52,10 @@ pub enum ApiError {
     /// No such resource.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
+    /// The request body did not arrive within `http.body_read_timeout_secs`; the connection is
+    /// closed.
+    #[oai(status = 408)]
+    RequestTimeout(Json<ErrorBody>),
     /// The state of the resource does not allow this (e.g. retrying an event that did not fail).
     #[oai(status = 409)]
     Conflict(Json<ErrorBody>),
@@ -94,6 +98,15 @@ impl ApiError {
     }
     pub fn conflict(code: &str, message: impl Into<String>) -> Self {
         Self::Conflict(body(code, message))
+    }
+    pub fn request_timeout(timeout: std::time::Duration) -> Self {
+        Self::RequestTimeout(body(
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs()
+            ),
+        ))
     }
     pub fn payload_too_large(limit: usize) -> Self {
         Self::PayloadTooLarge(body(

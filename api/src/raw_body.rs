@@ -1,6 +1,7 @@
 //! The webhook body as raw bytes: the signature is computed over exactly what was sent, so serde
 //! must not see it first. Documented in the spec as the contact event schema.
 use futures::TryStreamExt;
+use mediatype::{MediaType, ReadParams, names};
 use poem::{Request, RequestBody};
 use poem_openapi::error::ContentTypeError;
 use poem_openapi::payload::{ParsePayload, Payload};
@@ -22,9 +23,7 @@ impl Payload for RawJsonBody {
     const CONTENT_TYPE: &'static str = "application/json";
 
     fn check_content_type(content_type: &str) -> bool {
-        matches!(content_type.parse::<mime::Mime>(), Ok(mime)
-            if mime.type_() == "application"
-                && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json")))
+        is_json_media_type(content_type)
     }
 
     fn schema_ref() -> MetaSchemaRef {
@@ -83,6 +82,21 @@ impl<'a> ApiExtractor<'a> for RawJsonBody {
     }
 }
 
+/// `application/json` or `application/<anything>+json`, parsed per RFC 9110 (names
+/// case-insensitive, optional whitespace around `;`, parameters); a `charset` other than UTF-8
+/// is refused, since JSON on the wire is UTF-8 (RFC 8259). The `mime` crate refuses whitespace
+/// before `;` (`application/json ; charset=utf-8`), hence `mediatype`.
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let Ok(media_type) = MediaType::parse(content_type.trim_matches([' ', '\t'])) else {
+        return false;
+    };
+    media_type.ty == names::APPLICATION
+        && (media_type.subty == names::JSON || media_type.suffix == Some(names::JSON))
+        && media_type
+            .get_param(names::CHARSET)
+            .is_none_or(|charset| charset.unquoted_str().eq_ignore_ascii_case("utf-8"))
+}
+
 /// Reads at most `limit` bytes: a declared length over the limit is refused before reading,
 /// and a chunked body is cut off as soon as it passes the limit.
 async fn read_limited(
@@ -107,4 +121,41 @@ async fn read_limited(
         buffer.extend_from_slice(&chunk);
     }
     Ok(buffer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_json_media_type;
+
+    #[test]
+    fn json_media_types_per_rfc_9110() {
+        for accepted in [
+            "application/json",
+            "APPLICATION/JSON",
+            "Application/Json; Charset=UTF-8",
+            "application/json;charset=utf-8",
+            "application/json ; charset=utf-8",
+            "application/json\t;\tcharset=\"utf-8\"",
+            "application/json; charset=utf-8; profile=acme",
+            "application/vnd.acme.event+json",
+            " application/json ",
+            // RFC 9110 allows empty parameters.
+            "application/json;",
+        ] {
+            assert!(is_json_media_type(accepted), "{accepted:?}");
+        }
+        for refused in [
+            "",
+            "text/plain",
+            "application/xml",
+            "application/jsonx",
+            "application/json; charset=latin1",
+            "application/json; charset",
+            "application /json",
+            "application/json, text/plain",
+            "application/*",
+        ] {
+            assert!(!is_json_media_type(refused), "{refused:?}");
+        }
+    }
 }

@@ -17,6 +17,17 @@ pub enum EventTypeSchema {
     ContactDeleted,
 }
 
+impl EventTypeSchema {
+    /// The wire name, e.g. `contact.created`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ContactCreated => "contact.created",
+            Self::ContactUpdated => "contact.updated",
+            Self::ContactDeleted => "contact.deleted",
+        }
+    }
+}
+
 /// A contact event posted by AcmeCRM. Unknown extra fields are accepted and stored.
 #[derive(Object, Debug, Clone)]
 #[oai(rename = "ContactEvent", example)]

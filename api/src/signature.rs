@@ -181,4 +181,36 @@ mod tests {
             );
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_header_and_body_are_verified_without_panicking(
+                header in prop_oneof![any::<String>(), "(sha256=|SHA256=)?[0-9a-fA-F]{0,70}"],
+                body in prop::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let verifier = SignatureVerifier::new(["k"]);
+                let verdict = verifier.verify(Some(&header), &body);
+                // A random header is never a match.
+                prop_assert!(verdict.is_err());
+            }
+
+            #[test]
+            fn what_we_sign_verifies_in_every_accepted_spelling(
+                body in prop::collection::vec(any::<u8>(), 0..256),
+            ) {
+                let verifier = SignatureVerifier::new(["k"]);
+                let hex = sign(b"k", &body);
+                for header in [hex.clone(), hex.to_uppercase(), format!("sha256={hex}")] {
+                    prop_assert_eq!(verifier.verify(Some(&header), &body), Ok(()));
+                }
+            }
+        }
+    }
 }

@@ -104,4 +104,32 @@ mod tests {
             Err(TimestampError::Unparseable)
         );
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn any_header_parses_or_is_refused_without_panicking(
+                header in prop_oneof![any::<String>(), "[0-9]{1,25}", "[-+0-9:TZ.]{1,40}"],
+                tolerance in any::<u64>(),
+                now_secs in -100_000_000_000i64..100_000_000_000i64,
+            ) {
+                let now = DateTime::from_timestamp(now_secs, 0).expect("in range");
+                let _ = parse_timestamp(&header);
+                let _ = check_freshness(Some(&header), now, tolerance);
+            }
+
+            #[test]
+            fn every_second_since_1970_reads_back(secs in 0i64..100_000_000_000i64) {
+                let expected = DateTime::from_timestamp(secs, 0).expect("in range");
+                prop_assert_eq!(parse_timestamp(&secs.to_string()), Some(expected));
+                prop_assert_eq!(parse_timestamp(&expected.to_rfc3339()), Some(expected));
+            }
+        }
+    }
 }

@@ -1,7 +1,9 @@
 //! Validation of the contact event body: every offending field is reported, not just the first.
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use relay::event::{EventType, rfc3339_field};
 use serde_json::{Map, Value};
+
+use crate::strict_json::{StrictJson, parse_strict};
 
 /// Longest event id or contact id we store (the column width).
 const MAX_ID_LEN: usize = 255;
@@ -35,16 +37,16 @@ pub enum ValidationError {
 }
 
 /// Parses and validates a webhook body.
+/// Duplicate keys and NUL characters anywhere are reported along with the field checks.
 pub fn validate_event(body: &[u8]) -> Result<ContactEvent, ValidationError> {
-    let payload: Value =
-        serde_json::from_slice(body).map_err(|e| ValidationError::Json(e.to_string()))?;
+    let StrictJson {
+        value: payload,
+        problems: mut errors,
+    } = parse_strict(body).map_err(|e| ValidationError::Json(e.to_string()))?;
     let Some(root) = payload.as_object() else {
-        return Err(ValidationError::Fields(vec![error(
-            "$",
-            "must be a JSON object",
-        )]));
+        errors.push(error("$", "must be a JSON object"));
+        return Err(ValidationError::Fields(errors));
     };
-    let mut errors = Vec::new();
 
     let event_type = match root.get("event") {
         None | Some(Value::Null) => {
@@ -127,6 +129,24 @@ fn validate_data(
         None => {}
     }
     contact_id
+}
+
+/// Whether `id` could be a stored event or contact id: what validation accepts and the store can
+/// hold (at most 255 bytes, no NUL). Path values that cannot be are answered 404 without a query.
+pub fn is_storable_id(id: &str) -> bool {
+    !id.trim().is_empty() && id.len() <= MAX_ID_LEN && !id.contains('\0')
+}
+
+/// Checks a date-time filter: RFC 3339 can only say years 0000 to 9999, and PostgreSQL's
+/// `timestamptz` cannot hold much beyond them, so anything else is refused rather than sent.
+pub fn check_time_filter(field: &str, value: Option<DateTime<Utc>>) -> Result<(), FieldError> {
+    match value {
+        Some(t) if !(0..=9999).contains(&t.year()) => Err(error(
+            field,
+            "must be an RFC 3339 date-time between the years 0000 and 9999",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn error(field: &str, message: &str) -> FieldError {
@@ -322,6 +342,44 @@ mod tests {
     }
 
     #[test]
+    fn nul_and_duplicate_keys_are_listed_with_the_field_errors() {
+        let mut body = seed_example();
+        body["id"] = json!("evt\u{0}1");
+        body["data"]["nested"] = json!({ "list": ["ok", "bad\u{0}"] });
+        body["data"]["email"] = json!("nope");
+        assert_eq!(
+            fields(&body),
+            // The document's order (serde_json sorts keys), then the field checks.
+            ["data.nested.list[1]", "id", "data.email"]
+        );
+        let text = r#"{"event":"contact.deleted","id":"evt_1","id":"evt_2",
+            "timestamp":"2025-05-19T00:00:00Z","data":{"id":"c1"}}"#;
+        match validate_event(text.as_bytes()) {
+            Err(ValidationError::Fields(errors)) => {
+                assert_eq!(errors.len(), 1);
+                assert_eq!(errors[0].field, "id");
+            }
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn storable_ids_and_time_filters() {
+        assert!(is_storable_id("c1"));
+        assert!(is_storable_id(&"e".repeat(255)));
+        for bad in ["", " ", "a\u{0}b", &"e".repeat(256)] {
+            assert!(!is_storable_id(bad), "{bad:?}");
+        }
+        let at = |s: &str| s.parse::<DateTime<Utc>>().expect("a date-time");
+        assert!(check_time_filter("since", None).is_ok());
+        assert!(check_time_filter("since", Some(at("2025-05-19T00:00:00Z"))).is_ok());
+        assert!(check_time_filter("since", Some(at("0000-01-01T00:00:00Z"))).is_ok());
+        let err = check_time_filter("since", Some(at("-5000-01-01T00:00:00Z")));
+        assert_eq!(err.map_err(|e| e.field), Err("since".to_owned()));
+        assert!(check_time_filter("until", Some(at("+10000-01-01T00:00:00Z"))).is_err());
+    }
+
+    #[test]
     fn overlong_ids_are_refused() {
         let mut body = seed_example();
         body["id"] = json!("e".repeat(256));
@@ -349,6 +407,102 @@ mod tests {
             "a@b@c.com",
         ] {
             assert!(!is_valid_email(bad), "{bad}");
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::strict_json::parse_strict;
+
+        /// Any JSON value, with strings and keys drawn from all of Unicode (NUL included).
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                    prop::collection::btree_map(any::<String>(), inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn no_nul_anywhere(value: &Value) -> bool {
+            match value {
+                Value::String(s) => !s.contains('\0'),
+                Value::Array(items) => items.iter().all(no_nul_anywhere),
+                Value::Object(map) => map
+                    .iter()
+                    .all(|(k, v)| !k.contains('\0') && no_nul_anywhere(v)),
+                _ => true,
+            }
+        }
+
+        /// The seed example with its bytes overwritten, inserted or cut at random places.
+        fn mangled_event() -> impl Strategy<Value = Vec<u8>> {
+            let seed = seed_example().to_string().into_bytes();
+            let len = seed.len();
+            prop::collection::vec((0..len, any::<u8>(), 0..3u8), 1..8).prop_map(move |edits| {
+                let mut body = seed.clone();
+                for (at, byte, kind) in edits {
+                    let at = at.min(body.len().saturating_sub(1));
+                    match kind {
+                        0 => body[at] = byte,
+                        1 => body.insert(at, byte),
+                        _ => {
+                            body.remove(at);
+                        }
+                    }
+                }
+                body
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = validate_event(&body);
+            }
+
+            #[test]
+            fn mangled_events_never_panic_and_what_passes_is_storable(body in mangled_event()) {
+                if let Ok(event) = validate_event(&body) {
+                    prop_assert!(no_nul_anywhere(&event.payload));
+                    prop_assert!(is_storable_id(&event.event_id));
+                    prop_assert!(is_storable_id(&event.contact_id));
+                }
+            }
+
+            #[test]
+            fn strict_reading_keeps_every_value_and_flags_every_nul(value in json_value()) {
+                let text = value.to_string();
+                let read = parse_strict(text.as_bytes()).expect("serde_json's output is JSON");
+                prop_assert_eq!(&read.value, &value);
+                prop_assert_eq!(read.problems.is_empty(), no_nul_anywhere(&value));
+            }
+
+            #[test]
+            fn any_event_that_passes_holds_no_nul(data in json_value(), id in any::<String>()) {
+                let body = json!({
+                    "event": "contact.deleted", "id": id, "timestamp": "2025-05-19T00:00:00Z",
+                    "data": data,
+                });
+                if let Ok(event) = validate_event(body.to_string().as_bytes()) {
+                    prop_assert!(no_nul_anywhere(&event.payload));
+                    prop_assert!(is_storable_id(&event.event_id));
+                }
+            }
         }
     }
 }

@@ -22,9 +22,11 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, ErrorDetail};
 use crate::ingest::insert_outbox_rows;
 use crate::routes::ApiTags;
+use crate::schema::EventTypeSchema;
+use crate::validation::{check_time_filter, is_storable_id};
 
 pub struct AdminApi;
 
@@ -147,7 +149,7 @@ pub struct RetryResult {
 #[oai(rename_all = "camelCase")]
 pub struct RetryFilter {
     /// Only events of this type.
-    pub event_type: Option<String>,
+    pub event_type: Option<EventTypeSchema>,
     /// Only events received at or after this time.
     pub since: Option<DateTime<Utc>>,
     /// Only events received before this time.
@@ -226,9 +228,9 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         /// Only events in this state.
         status: Query<Option<EventStatus>>,
-        /// Only events of this type, e.g. `contact.updated`.
+        /// Only events of this type.
         #[oai(name = "type")]
-        event_type: Query<Option<String>>,
+        event_type: Query<Option<EventTypeSchema>>,
         /// Only events received at or after this time.
         since: Query<Option<DateTime<Utc>>>,
         /// Only events received before this time.
@@ -245,7 +247,7 @@ impl AdminApi {
         if let Some(status) = status.0 {
             query = query.filter(webhook_event::Column::Status.eq(status.as_str()));
         }
-        query = query.filter(type_and_time(event_type.0.as_deref(), since.0, until.0));
+        query = query.filter(type_and_time(event_type.0, since.0, until.0)?);
         if let Some(cursor) = cursor.0 {
             let before: i64 = cursor.parse().map_err(|_| {
                 ApiError::bad_request(
@@ -352,7 +354,7 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         filter: Json<RetryFilter>,
     ) -> ApiResult<Json<RetryResult>> {
-        let condition = type_and_time(filter.event_type.as_deref(), filter.since, filter.until);
+        let condition = type_and_time(filter.event_type, filter.since, filter.until)?;
         let requeued = requeue_failed(&state.db, &state.config.kafka, condition)
             .await
             .map_err(db_error)?;
@@ -376,19 +378,39 @@ impl AdminApi {
     }
 }
 
-/// Events of `event_type` (if given) received in `[since, until)` (each bound if given).
+/// Events of `event_type` (if given) received in `[since, until)` (each bound if given); 400 for
+/// a bound the database cannot represent.
 fn type_and_time(
-    event_type: Option<&str>,
+    event_type: Option<EventTypeSchema>,
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
-) -> sea_orm::Condition {
-    sea_orm::Condition::all()
-        .add_option(event_type.map(|t| webhook_event::Column::EventType.eq(t)))
+) -> ApiResult<sea_orm::Condition> {
+    let errors: Vec<ErrorDetail> = [
+        check_time_filter("since", since),
+        check_time_filter("until", until),
+    ]
+    .into_iter()
+    .filter_map(Result::err)
+    .map(ErrorDetail::from)
+    .collect();
+    if !errors.is_empty() {
+        return Err(ApiError::bad_request(
+            "filter_invalid",
+            "the filter cannot match any event",
+            errors,
+        ));
+    }
+    Ok(sea_orm::Condition::all()
+        .add_option(event_type.map(|t| webhook_event::Column::EventType.eq(t.as_str())))
         .add_option(since.map(|t| webhook_event::Column::CreatedAt.gte(t)))
-        .add_option(until.map(|t| webhook_event::Column::CreatedAt.lt(t)))
+        .add_option(until.map(|t| webhook_event::Column::CreatedAt.lt(t))))
 }
 
 async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhook_event::Model> {
+    // An id validation would refuse (NUL, over 255 bytes) names no event; don't ask the store.
+    if !is_storable_id(event_id) {
+        return Err(ApiError::not_found("no event with this id"));
+    }
     webhook_event::Entity::find()
         .filter(webhook_event::Column::EventId.eq(event_id))
         .one(db)

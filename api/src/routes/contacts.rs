@@ -12,6 +12,7 @@ use sea_orm::EntityTrait;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::routes::ApiTags;
+use crate::validation::is_storable_id;
 
 pub struct ContactsApi;
 
@@ -73,6 +74,11 @@ impl ContactsApi {
         state: Data<&Arc<AppState>>,
         id: Path<String>,
     ) -> ApiResult<Json<ContactView>> {
+        // An id validation would refuse (NUL, over 255 bytes) names no contact; the store
+        // could not even be asked about it.
+        if !is_storable_id(&id.0) {
+            return Err(ApiError::not_found("no contact with this id"));
+        }
         let found = contact::Entity::find_by_id(id.0.clone())
             .one(&state.db)
             .await

@@ -3,6 +3,7 @@
 mod consumers;
 mod docs;
 mod embedded;
+mod hostile;
 mod ingest;
 mod loadgen;
 mod operations;
