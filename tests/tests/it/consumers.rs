@@ -66,7 +66,7 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
     )
     .await;
     let fast = [("ACME_WEBHOOKS_CONSUMER__REBALANCE_INTERVAL_MS", "500")];
-    let mut members = vec![
+    let mut members = [
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
     ];
