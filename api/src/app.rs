@@ -330,6 +330,7 @@ impl Service {
     /// Runs until `shutdown` is cancelled (or a role ends), then stops.
     pub async fn wait(mut self) {
         tokio::select! {
+            biased;
             () = self.shutdown.cancelled() => {}
             _ = self.tasks.join_next() => tracing::error!("a role stopped unexpectedly; shutting down"),
         }

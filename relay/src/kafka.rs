@@ -203,11 +203,21 @@ pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, Kafk
         // Only for a stored offset the log no longer holds (retention): start from the oldest.
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false");
-    // librdkafka's default (500 ms) is how long a fetch may wait for data. Kafka answers as soon
-    // as data arrives, but some brokers (Tansu among them) hold every fetch that long, which
-    // becomes end-to-end latency. A configured value wins.
-    if client_config.get("fetch.wait.max.ms").is_none() {
-        client_config.set("fetch.wait.max.ms", "25");
+    // Latency: librdkafka's default `fetch.wait.max.ms` (500 ms) is how long a fetch may wait
+    // for data. Kafka answers as soon as data arrives, but some brokers (Tansu among them) hold
+    // every fetch that long, which becomes end-to-end latency.
+    // Memory: librdkafka prefetches up to 64 MB (`queued.max.messages.kbytes`) and 100k
+    // messages per partition (`queued.min.messages`) while a backlog waits on the broker; a
+    // consumer that applies 256 messages per transaction gains nothing from more than a few
+    // batches in hand, so the defaults here bound the prefetch to 8 MB. Configured values win.
+    for (key, default) in [
+        ("fetch.wait.max.ms", "25"),
+        ("queued.max.messages.kbytes", "8192"),
+        ("queued.min.messages", "5000"),
+    ] {
+        if client_config.get(key).is_none() {
+            client_config.set(key, default);
+        }
     }
     blocking(move || client_config.create()).await
 }

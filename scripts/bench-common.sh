@@ -1,0 +1,81 @@
+# Shared by scripts/bench and scripts/bench-sustained: settings, the release build, and helpers
+# that start the service, drive load and measure the pgbench ceiling.
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+
+SECONDS_PER_PHASE=${BENCH_SECONDS:-15}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+SECRET=bench-secret-0123456789
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+OUT=$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$OUT"
+
+ensure_build_tools
+ensure_postgres
+ensure_broker
+command -v pgbench >/dev/null || apt_install postgresql-contrib
+command -v jq >/dev/null || apt_install jq
+
+log "building (release)"
+cargo build --release --quiet -p acme-webhooks --bin acme-webhooks --example bare_poem
+cargo build --release --quiet -p relay --example raw_producer
+BIN=$TARGET_DIR/release/acme-webhooks
+
+fresh_db() { # name -> URL
+  local base=${ACME_TEST_DATABASE_URL%/*}
+  psql "$ACME_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1" >/dev/null
+  echo "$base/$1"
+}
+
+# Runs the service with the given role in the background; sets SERVICE_PID.
+start_service() { # role db_url port prefix
+  ACME_WEBHOOKS_DATABASE__URL=$2 ACME_WEBHOOKS_HTTP__BIND=127.0.0.1:${3:-0} \
+    ACME_WEBHOOKS_WEBHOOK__SECRETS=$SECRET ACME_WEBHOOKS_KAFKA__BROKERS=$ACME_TEST_KAFKA_BROKERS \
+    ACME_WEBHOOKS_KAFKA__TOPIC_PREFIX=$4 ACME_WEBHOOKS_KAFKA__GROUP_ID=$4 \
+    ACME_WEBHOOKS_DATABASE__MAX_CONNECTIONS=32 ACME_WEBHOOKS_LOG__FILTER=warn \
+    "$BIN" $1 >"$OUT/service-$4.log" 2>&1 &
+  SERVICE_PID=$!
+  if [ -n "$3" ] && [ "$1" != relay ]; then
+    wait_for_port "$3" 60 || { tail -n 20 "$OUT/service-$4.log" >&2; exit 1; }
+  fi
+}
+
+stop_service() { # pid -> prints its peak RSS in MB
+  local hwm
+  hwm=$(awk '/VmHWM/ {print $2}' "/proc/$1/status")
+  kill -TERM "$1"
+  wait "$1" || true
+  echo $((hwm / 1024))
+}
+
+loadgen() { # name url args...
+  local name=$1 url=$2
+  shift 2
+  "$BIN" loadgen --url "$url" --secret "$SECRET" --quiet --json "$OUT/$name.json" "$@" \
+    >"$OUT/$name.txt"
+  cat "$OUT/$name.txt" >&2
+}
+
+# pgbench with the service's per-event transaction (best of 4/8/16 clients): the durable
+# ceiling without batching. Sets best_pgbench; writes $OUT/pgbench.txt.
+pgbench_ceiling() {
+  PGB_URL=$(fresh_db acme_bench_pgbench)
+  ACME_WEBHOOKS_DATABASE__URL=$PGB_URL "$BIN" migrate >/dev/null
+  PAYLOAD=$(jq -c . <<'JSON'
+{"event":"contact.updated","id":"evt_x","timestamp":"2026-11-29T00:00:00Z","data":{"id":"contact-1",
+"email":"jane.doe@example.com","firstName":"Jane","lastName":"Doe","phone":"+1 555 0100",
+"company":"Example Corp","jobTitle":"Head of Operations","updatedAt":"2026-11-29T00:00:00Z",
+"tags":["customer","newsletter"],"address":{"street":"1 Main Street","city":"Springfield",
+"postalCode":"12345","country":"US"}}}
+JSON
+  )
+  best_pgbench=0
+  for clients in 4 8 16; do
+    tps=$(pgbench -n -M prepared -c "$clients" -j 2 -T "$SECONDS_PER_PHASE" -D "payload=$PAYLOAD" \
+      -f bench/pgbench-per-event.sql "$PGB_URL" 2>/dev/null |
+      awk '/^tps/ {print int($3)}')
+    log "  pgbench $clients clients: $tps events/s"
+    echo "$clients $tps" >>"$OUT/pgbench.txt"
+    [ "$tps" -gt "$best_pgbench" ] && best_pgbench=$tps
+  done
+}
