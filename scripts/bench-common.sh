@@ -76,6 +76,6 @@ JSON
       awk '/^tps/ {print int($3)}')
     log "  pgbench $clients clients: $tps events/s"
     echo "$clients $tps" >>"$OUT/pgbench.txt"
-    [ "$tps" -gt "$best_pgbench" ] && best_pgbench=$tps
+    if [ "$tps" -gt "$best_pgbench" ]; then best_pgbench=$tps; fi
   done
 }
