@@ -229,10 +229,16 @@ pub async fn apply<C: ConnectionTrait>(
         ]);
         tuples.push(placeholders(first, COLUMNS.len()));
     }
+    // Event ids compare byte by byte, as Rust's `String` does (`greatest_per_contact`): a
+    // PostgreSQL column compares by its locale's collation, which orders ids differently.
+    let bytewise = match conn.get_database_backend() {
+        sea_orm::DatabaseBackend::Postgres => " COLLATE \"C\"",
+        _ => "", // SQLite compares text bytewise (BINARY) already
+    };
     let version = |table: &str| {
         format!(
             "({table}.deleted, COALESCE({table}.source_updated_at, {table}.event_timestamp), \
-             {table}.event_timestamp, {table}.last_event_id)"
+             {table}.event_timestamp, {table}.last_event_id{bytewise})"
         )
     };
     let updates: Vec<String> = COLUMNS[1..]
