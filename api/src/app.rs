@@ -232,14 +232,19 @@ impl Service {
                          ownership and offsets are kept there"
                     );
                 }
-                let consumer = KafkaEventConsumer::connect(
-                    db.clone(),
-                    config.kafka.clone(),
-                    config.consumer.clone(),
-                )
-                .await
-                .context("creating the Kafka consumer")?;
-                let lag = consumer.lag_reporter();
+                let mut members = Vec::with_capacity(config.consumer.members);
+                for _ in 0..config.consumer.members {
+                    members.push(
+                        KafkaEventConsumer::connect(
+                            db.clone(),
+                            config.kafka.clone(),
+                            config.consumer.clone(),
+                        )
+                        .await
+                        .context("creating the Kafka consumer")?,
+                    );
+                }
+                let lag = KafkaEventConsumer::lag_reporter(&members);
                 consumer_health = Some(lag.clone());
                 let interval = Duration::from_secs(config.metrics.backlog_refresh_secs);
                 let stop = shutdown.clone();
@@ -249,7 +254,9 @@ impl Service {
                         tokio::select! { () = stop.cancelled() => {}, () = tokio::time::sleep(interval) => {} }
                     }
                 });
-                tasks.spawn(consumer.run(shutdown.clone()));
+                for member in members {
+                    tasks.spawn(member.run(shutdown.clone()));
+                }
             }
         }
 

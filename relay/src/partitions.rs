@@ -417,11 +417,12 @@ pub struct GroupHealth {
 }
 
 impl GroupHealth {
-    /// A partition this member owns that did not move for this long while messages wait on it
-    /// is stalled.
+    /// A partition one of `members` owns that did not move for this long while messages wait on
+    /// it is stalled.
     pub const STALL_AFTER_SECS: f64 = 30.0;
 
-    pub fn of(states: &[PartitionState], member: &str) -> Self {
+    /// The health seen by a process whose group members are `members`.
+    pub fn of(states: &[PartitionState], members: &[String]) -> Self {
         let name = |s: &PartitionState| format!("{}[{}]", s.topic, s.partition);
         Self {
             unowned: states.iter().filter(|s| !s.owned).map(name).collect(),
@@ -429,7 +430,9 @@ impl GroupHealth {
                 .iter()
                 .filter(|s| {
                     s.owned
-                        && s.owner.as_deref() == Some(member)
+                        && s.owner
+                            .as_ref()
+                            .is_some_and(|owner| members.contains(owner))
                         && s.lag().unwrap_or(0) > 0
                         && s.idle_secs.unwrap_or(0.0) > Self::STALL_AFTER_SECS
                 })

@@ -94,7 +94,7 @@ impl HealthApi {
                     name: "consumer".into(),
                     up: false,
                     error: Some(format!(
-                        "partitions without a consumer: {:?}; stalled partitions of this member: {:?}",
+                        "partitions without a consumer: {:?}; stalled partitions of this process: {:?}",
                         health.unowned, health.stalled
                     )),
                 }
