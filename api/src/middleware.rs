@@ -155,7 +155,8 @@ impl AllowedMethods {
             })
             .max_by(|(a, _), (b, _)| {
                 // Compare literal-ness segment by segment, the first difference decides.
-                let key = |t: &Vec<Option<String>>| t.iter().map(Option::is_some).collect::<Vec<_>>();
+                let key =
+                    |t: &Vec<Option<String>>| t.iter().map(Option::is_some).collect::<Vec<_>>();
                 key(a).cmp(&key(b))
             })
             .map(|(_, value)| value)

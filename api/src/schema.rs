@@ -58,7 +58,11 @@ pub struct ContactCreatedSchema {
     pub timestamp: DateTime<Utc>,
     /// Unique event id: not blank, at most 255 bytes. A repeated id is acknowledged as a duplicate
     /// and never processed twice.
-    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    ))]
     pub id: String,
     pub data: ContactDataSchema,
 }
@@ -71,7 +75,11 @@ pub struct ContactUpdatedSchema {
     pub timestamp: DateTime<Utc>,
     /// Unique event id: not blank, at most 255 bytes. A repeated id is acknowledged as a duplicate
     /// and never processed twice.
-    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    ))]
     pub id: String,
     pub data: ContactDataSchema,
 }
@@ -84,7 +92,11 @@ pub struct ContactDeletedSchema {
     pub timestamp: DateTime<Utc>,
     /// Unique event id: not blank, at most 255 bytes. A repeated id is acknowledged as a duplicate
     /// and never processed twice.
-    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    ))]
     pub id: String,
     pub data: DeletedContactSchema,
 }
@@ -95,13 +107,23 @@ pub struct ContactDeletedSchema {
 pub struct ContactDataSchema {
     /// AcmeCRM contact id (not blank, at most 255 bytes): the Kafka message key, so one
     /// contact's events stay in order.
-    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    ))]
     pub id: String,
     /// Not blank.
-    #[oai(validator(min_length = 1, pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"))]
+    #[oai(validator(
+        min_length = 1,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    ))]
     pub first_name: String,
     /// Not blank.
-    #[oai(validator(min_length = 1, pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"))]
+    #[oai(validator(
+        min_length = 1,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    ))]
     pub last_name: String,
     /// `local@domain.tld`: at most 320 bytes, no whitespace or control characters, one `@`, a
     /// local part of at most 64 bytes, a domain of at least two dot-separated labels made of
@@ -128,7 +150,11 @@ pub struct ContactDataSchema {
 #[oai(rename = "DeletedContact", rename_all = "camelCase")]
 pub struct DeletedContactSchema {
     /// AcmeCRM contact id (not blank, at most 255 bytes).
-    #[oai(validator(min_length = 1, max_length = 255, pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"))]
+    #[oai(validator(
+        min_length = 1,
+        max_length = 255,
+        pattern = r"^[^\u0000]*[^\u0000\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000]*$"
+    ))]
     pub id: String,
     /// RFC 3339, when sent; orders the deletion among the contact's events (else the event
     /// `timestamp` does).

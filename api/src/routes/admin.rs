@@ -285,8 +285,7 @@ impl AdminApi {
         &self,
         _auth: AdminToken,
         state: Data<&Arc<AppState>>,
-        #[oai(example = "example_event_id")]
-        event_id: Path<String>,
+        #[oai(example = "example_event_id")] event_id: Path<String>,
     ) -> ApiResult<Json<EventDetail>> {
         let event = find_event(&state.db, &event_id.0).await?;
         let outbox = outbox::Entity::find()
@@ -328,8 +327,7 @@ impl AdminApi {
         &self,
         _auth: AdminToken,
         state: Data<&Arc<AppState>>,
-        #[oai(example = "example_event_id")]
-        event_id: Path<String>,
+        #[oai(example = "example_event_id")] event_id: Path<String>,
     ) -> ApiResult<Json<RetryResult>> {
         let event = find_event(&state.db, &event_id.0).await?;
         if event.status != webhook_event::STATUS_FAILED {

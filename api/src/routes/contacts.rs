@@ -87,8 +87,7 @@ impl ContactsApi {
     async fn get_contact(
         &self,
         state: Data<&Arc<AppState>>,
-        #[oai(example = "example_contact_id")]
-        id: Path<String>,
+        #[oai(example = "example_contact_id")] id: Path<String>,
     ) -> ApiResult<Json<ContactView>> {
         // An id validation would refuse (NUL, over 255 bytes) names no contact; the store
         // could not even be asked about it.

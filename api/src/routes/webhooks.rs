@@ -101,11 +101,11 @@ impl WebhookApi {
     /// What the schema cannot say, and the service checks all the same (400, every offending
     /// field in `details`): no string or key anywhere in the body, unknown fields included,
     /// contains U+0000; no object repeats a key; ids are at most 255 *bytes* of UTF-8
-    /// (`maxLength` counts characters), an email at most 320 bytes and its local part at most 64;
-    /// an email's domain labels neither start nor end with `-`, and a non-ASCII character in them
-    /// must be a letter or digit; nesting deeper than 128 levels and numbers beyond a 64-bit float
-    /// are not valid JSON here. The other way round, date-times may also use a space in place of
-    /// `T`.
+    /// (`maxLength` counts characters); nesting deeper than 128 levels and numbers beyond a
+    /// 64-bit float are not valid JSON here. The other way round, the service accepts a little
+    /// more than the schema: date-times with a space in place of `T`, and email addresses beyond
+    /// RFC 5321's ASCII `format: email` (letters and digits of any script in the domain, any
+    /// non-space character in a local part of at most 64 bytes: `ü@bücher.de`, `a..b@x.org`).
     #[oai(
         path = "/api/webhooks",
         method = "post",
