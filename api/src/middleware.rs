@@ -184,3 +184,27 @@ pub async fn allow_on_405<E: Endpoint>(
     }
     Ok(response)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::AllowedMethods;
+    use crate::routes::admin::AdminApi;
+    use crate::routes::contacts::ContactsApi;
+    use crate::routes::health::HealthApi;
+    use crate::routes::webhooks::WebhookApi;
+
+    #[test]
+    fn allow_lists_the_methods_of_the_route_the_router_picks() {
+        let allowed = AllowedMethods::of::<(WebhookApi, ContactsApi, AdminApi, HealthApi)>();
+        let allow = |path: &str| allowed.lookup(path).and_then(|v| v.to_str().ok());
+        assert_eq!(allow("/api/webhooks"), Some("POST"));
+        assert_eq!(allow("/metrics"), Some("GET, HEAD"));
+        assert_eq!(allow("/api/contacts/c1"), Some("GET, HEAD"));
+        assert_eq!(allow("/api/admin/events/evt_1"), Some("GET, HEAD"));
+        assert_eq!(allow("/api/admin/events/evt_1/retry"), Some("POST"));
+        // A literal segment beats `{event_id}`.
+        assert_eq!(allow("/api/admin/events/retry"), Some("POST"));
+        assert_eq!(allow("/api/contacts/"), None);
+        assert_eq!(allow("/nowhere"), None);
+    }
+}
