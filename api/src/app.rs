@@ -22,6 +22,7 @@ use crate::client_ip::IpPolicy;
 use crate::config::{Config, Secret};
 use crate::http_server::{self, HttpLimits};
 use crate::ingest::{GroupCommit, IngestWriter};
+use crate::middleware::{AllowedMethods, allow_on_405};
 use crate::raw_body::BodyLimit;
 use crate::routes::admin::AdminApi;
 use crate::routes::contacts::ContactsApi;
@@ -80,9 +81,11 @@ pub fn ops_app(ops: Arc<OpsState>) -> impl Endpoint {
         "acme-webhooks operations",
         env!("CARGO_PKG_VERSION"),
     );
+    let allowed = AllowedMethods::of::<HealthApi>();
     Route::new()
         .nest("/", api)
         .data(ops)
+        .around(move |next, request| allow_on_405(next, request, allowed.clone()))
         .around(crate::middleware::observe)
 }
 
@@ -94,6 +97,7 @@ pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
     let spec_yaml = api.spec_endpoint_yaml();
     let limit = BodyLimit(state.config.http.max_body_bytes);
     let body_timeout = Duration::from_secs(state.config.http.body_read_timeout_secs);
+    let allowed = AllowedMethods::of::<Apis>();
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
@@ -105,6 +109,7 @@ pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
         .around(move |next, request| {
             crate::middleware::read_body_within(next, request, body_timeout)
         })
+        .around(move |next, request| allow_on_405(next, request, allowed.clone()))
         .around(crate::middleware::observe)
 }
 
