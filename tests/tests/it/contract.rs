@@ -385,7 +385,7 @@ async fn schemathesis_finds_the_service_true_to_openapi_yaml() {
     let app = full_app().await;
     let started = Instant::now();
     let output = tokio::time::timeout(
-        Duration::from_secs(150),
+        Duration::from_secs(600),
         tokio::process::Command::new(repository_root().join("scripts/contract"))
             .args(["--url", &app.url(""), "--secret", SECRET])
             .args(["--admin-token", ADMIN_TOKEN])
@@ -397,7 +397,7 @@ async fn schemathesis_finds_the_service_true_to_openapi_yaml() {
             .output(),
     )
     .await
-    .expect("scripts/contract finished within 150 s")
+    .expect("scripts/contract finished within 600 s")
     .expect("scripts/contract runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
