@@ -10,4 +10,5 @@ mod loadgen;
 mod operations;
 mod pipeline;
 mod process;
+mod retention;
 mod support;
