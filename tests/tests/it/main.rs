@@ -7,6 +7,7 @@ mod embedded;
 mod hostile;
 mod ingest;
 mod loadgen;
+mod monitoring;
 mod operations;
 mod pipeline;
 mod process;
