@@ -309,9 +309,10 @@ impl Service {
             });
             http_addr
         };
+        // A readiness probe opens a Kafka client of its own: less often than the backlog query.
         tasks.spawn(crate::routes::health::refresh_readiness_gauge(
             ops_for_gauges,
-            Duration::from_secs(config.metrics.backlog_refresh_secs),
+            Duration::from_secs(3 * config.metrics.backlog_refresh_secs),
             shutdown.clone(),
         ));
         tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
