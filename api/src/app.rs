@@ -317,6 +317,10 @@ impl Service {
         ));
         tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
             db.clone(),
+            relay::EVENT_TYPES
+                .iter()
+                .map(|t| config.kafka.topic_for(t))
+                .collect(),
             Duration::from_secs(config.metrics.backlog_refresh_secs),
             shutdown.clone(),
         ));

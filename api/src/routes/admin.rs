@@ -564,13 +564,15 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<OutboxSummary, DbErr> {
     })
 }
 
-/// Keeps the `outbox_*` gauges current, so a scrape never queries the database.
+/// Keeps the `outbox_*` gauges current, so a scrape never queries the database. The per-topic
+/// gauges of `topics` exist from the start (at 0), not only once a backlog was seen.
 pub async fn refresh_backlog_gauges(
     db: DatabaseConnection,
+    topics: Vec<String>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut seen = BTreeSet::<String>::new();
+    let mut seen = BTreeSet::<String>::from_iter(topics);
     while !shutdown.is_cancelled() {
         match backlog(&db).await {
             Ok(summary) => {
