@@ -166,6 +166,10 @@ impl Retention {
         // `$n` placeholders are understood by both PostgreSQL and SQLite.
         let statement = if table == OUTBOX_TABLE {
             // Ordered by the partial index on published_at; `id` breaks ties for the cursor.
+            // The event's status is a scalar subquery (one unique-index lookup per row): as
+            // `NOT EXISTS (... status <> 'processed')` PostgreSQL read every event for the
+            // anti-join (0.5 s a batch at a million events). A row whose event is gone counts
+            // as processed.
             Statement::from_sql_and_values(
                 backend,
                 format!(
@@ -173,8 +177,8 @@ impl Retention {
                        SELECT o.id FROM outbox o \
                        WHERE o.published_at IS NOT NULL AND o.published_at < $1 \
                          AND (o.published_at, o.id) > ($2, $3) \
-                         AND NOT EXISTS (SELECT 1 FROM webhook_events e \
-                           WHERE e.event_id = o.event_id AND e.status <> $4) \
+                         AND COALESCE((SELECT e.status FROM webhook_events e \
+                           WHERE e.event_id = o.event_id), $4) = $4 \
                        ORDER BY o.published_at, o.id LIMIT $5 {}) \
                      DELETE FROM outbox WHERE id IN (SELECT id FROM doomed) \
                      RETURNING published_at, id",
