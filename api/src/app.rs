@@ -23,6 +23,7 @@ use crate::client_ip::IpPolicy;
 use crate::config::{Config, Secret};
 use crate::http_server::{self, HttpLimits};
 use crate::ingest::{GroupCommit, IngestWriter};
+use crate::middleware::{AllowedMethods, allow_on_405};
 use crate::raw_body::BodyLimit;
 use crate::routes::admin::AdminApi;
 use crate::routes::contacts::ContactsApi;
@@ -81,9 +82,11 @@ pub fn ops_app(ops: Arc<OpsState>) -> impl Endpoint {
         "acme-webhooks operations",
         env!("CARGO_PKG_VERSION"),
     );
+    let allowed = AllowedMethods::of::<HealthApi>();
     Route::new()
         .nest("/", api)
         .data(ops)
+        .around(move |next, request| allow_on_405(next, request, allowed.clone()))
         .around(crate::middleware::observe)
 }
 
@@ -95,6 +98,7 @@ pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
     let spec_yaml = api.spec_endpoint_yaml();
     let limit = BodyLimit(state.config.http.max_body_bytes);
     let body_timeout = Duration::from_secs(state.config.http.body_read_timeout_secs);
+    let allowed = AllowedMethods::of::<Apis>();
     Route::new()
         .nest("/", api)
         .nest("/docs", docs)
@@ -106,6 +110,7 @@ pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
         .around(move |next, request| {
             crate::middleware::read_body_within(next, request, body_timeout)
         })
+        .around(move |next, request| allow_on_405(next, request, allowed.clone()))
         .around(crate::middleware::observe)
 }
 
@@ -239,14 +244,19 @@ impl Service {
                          ownership and offsets are kept there"
                     );
                 }
-                let consumer = KafkaEventConsumer::connect(
-                    db.clone(),
-                    config.kafka.clone(),
-                    config.consumer.clone(),
-                )
-                .await
-                .context("creating the Kafka consumer")?;
-                let lag = consumer.lag_reporter();
+                let mut members = Vec::with_capacity(config.consumer.members);
+                for _ in 0..config.consumer.members {
+                    members.push(
+                        KafkaEventConsumer::connect(
+                            db.clone(),
+                            config.kafka.clone(),
+                            config.consumer.clone(),
+                        )
+                        .await
+                        .context("creating the Kafka consumer")?,
+                    );
+                }
+                let lag = KafkaEventConsumer::lag_reporter(&members);
                 consumer_health = Some(lag.clone());
                 let interval = Duration::from_secs(config.metrics.backlog_refresh_secs);
                 let stop = shutdown.clone();
@@ -256,7 +266,9 @@ impl Service {
                         tokio::select! { () = stop.cancelled() => {}, () = tokio::time::sleep(interval) => {} }
                     }
                 });
-                tasks.spawn(consumer.run(shutdown.clone()));
+                for member in members {
+                    tasks.spawn(member.run(shutdown.clone()));
+                }
             }
         }
 

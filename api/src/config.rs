@@ -251,6 +251,9 @@ impl Config {
         if self.consumer.batch_max == 0 {
             return invalid("consumer.batch_max", "must be greater than 0");
         }
+        if self.consumer.members == 0 {
+            return invalid("consumer.members", "must be greater than 0");
+        }
         if self.relay.workers == 0 {
             return invalid("relay.workers", "must be greater than 0");
         }

@@ -98,3 +98,113 @@ where
         Poll::Pending
     }
 }
+
+/// The methods each path of an OpenAPI service answers, for the `Allow` header of a 405
+/// (RFC 9110 §15.5.6: a 405 MUST list them). Built from the same metadata as the spec.
+#[derive(Debug, Clone)]
+pub struct AllowedMethods {
+    /// Path templates split into segments (`None` for a `{parameter}`), with their `Allow` value.
+    routes: Arc<Vec<(Vec<Option<String>>, HeaderValue)>>,
+}
+
+impl AllowedMethods {
+    /// The table of the operations of `A`.
+    pub fn of<A: poem_openapi::OpenApi>() -> Self {
+        let mut routes = Vec::new();
+        for path in A::meta().into_iter().flat_map(|api| api.paths) {
+            let mut methods: Vec<String> = path
+                .operations
+                .iter()
+                .map(|op| op.method.as_str().to_owned())
+                .collect();
+            // poem answers HEAD wherever it answers GET.
+            if methods.iter().any(|m| m == "GET") {
+                methods.push("HEAD".to_owned());
+            }
+            methods.sort();
+            methods.dedup();
+            let segments = path
+                .path
+                .split('/')
+                .map(|segment| {
+                    (!(segment.starts_with('{') && segment.ends_with('}')))
+                        .then(|| segment.to_owned())
+                })
+                .collect();
+            if let Ok(value) = HeaderValue::from_str(&methods.join(", ")) {
+                routes.push((segments, value));
+            }
+        }
+        Self {
+            routes: Arc::new(routes),
+        }
+    }
+
+    /// The `Allow` value of the route poem would pick for `path`: a literal segment wins over a
+    /// parameter, as in poem's router.
+    pub fn lookup(&self, path: &str) -> Option<&HeaderValue> {
+        let segments: Vec<&str> = path.split('/').collect();
+        self.routes
+            .iter()
+            .filter(|(template, _)| {
+                template.len() == segments.len()
+                    && template.iter().zip(&segments).all(|(t, s)| match t {
+                        Some(literal) => literal == s,
+                        None => !s.is_empty(),
+                    })
+            })
+            .max_by(|(a, _), (b, _)| {
+                // Compare literal-ness segment by segment, the first difference decides.
+                let key =
+                    |t: &Vec<Option<String>>| t.iter().map(Option::is_some).collect::<Vec<_>>();
+                key(a).cmp(&key(b))
+            })
+            .map(|(_, value)| value)
+    }
+}
+
+/// Gives every 405 answer its `Allow` header.
+pub async fn allow_on_405<E: Endpoint>(
+    next: E,
+    request: Request,
+    allowed: AllowedMethods,
+) -> poem::Result<Response> {
+    let path = request.uri().path().to_owned();
+    let mut response = match next.call(request).await {
+        Ok(response) => response.into_response(),
+        Err(error) if error.status() == StatusCode::METHOD_NOT_ALLOWED => {
+            ApiError::from_poem(error)
+        }
+        Err(error) => return Err(error),
+    };
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED
+        && let Some(value) = allowed.lookup(&path)
+    {
+        response.headers_mut().insert(header::ALLOW, value.clone());
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllowedMethods;
+    use crate::routes::admin::AdminApi;
+    use crate::routes::contacts::ContactsApi;
+    use crate::routes::health::HealthApi;
+    use crate::routes::webhooks::WebhookApi;
+
+    #[test]
+    fn allow_lists_the_methods_of_the_route_the_router_picks() {
+        let allowed = AllowedMethods::of::<(WebhookApi, ContactsApi, AdminApi, HealthApi)>();
+        let allow = |path: &str| allowed.lookup(path).and_then(|v| v.to_str().ok());
+        assert_eq!(allow("/api/webhooks"), Some("POST"));
+        assert_eq!(allow("/metrics"), Some("GET, HEAD"));
+        assert_eq!(allow("/api/contacts/c1"), Some("GET, HEAD"));
+        assert_eq!(allow("/api/admin/events/evt_1"), Some("GET, HEAD"));
+        assert_eq!(allow("/api/admin/events/evt_1/retry"), Some("POST"));
+        // A literal segment beats `{event_id}`.
+        assert_eq!(allow("/api/admin/events/retry"), Some("POST"));
+        assert_eq!(allow("/api/contacts/"), None);
+        assert_eq!(allow("/nowhere"), None);
+    }
+}

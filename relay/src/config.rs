@@ -106,6 +106,9 @@ pub struct ConsumerConfig {
     pub backoff_max_ms: u64,
     /// How often a member takes free partitions and gives back more than its share.
     pub rebalance_interval_ms: u64,
+    /// Group members per consuming process (Kafka): each applies its own partitions' batches,
+    /// so one process overlaps one batch's database round trips with another's.
+    pub members: usize,
 }
 
 impl ConsumerConfig {

@@ -351,7 +351,8 @@ impl KafkaEventConsumer {
                         self.reset(positions);
                     }
                 }
-                metrics::gauge!("consumer_partitions_owned").set(positions.len() as f64);
+                metrics::gauge!("consumer_partitions_owned", "member" => self.membership.member_id().to_owned())
+                    .set(positions.len() as f64);
             }
             Err(error) => {
                 tracing::warn!(%error, "consumer group session lost; rejoining");
@@ -368,7 +369,8 @@ impl KafkaEventConsumer {
         if let Err(error) = self.consumer.unassign() {
             tracing::error!(%error, "could not unassign partitions");
         }
-        metrics::gauge!("consumer_partitions_owned").set(0.0);
+        metrics::gauge!("consumer_partitions_owned", "member" => self.membership.member_id().to_owned())
+            .set(0.0);
     }
 
     async fn seek(&self, seeks: BTreeMap<TopicPartition, i64>) {
@@ -427,12 +429,18 @@ impl KafkaEventConsumer {
 
     /// Reads the partitions' high watermarks for the lag every role reports, and logs a
     /// health line when partitions have no consumer or stopped moving.
-    pub fn lag_reporter(&self) -> LagReporter {
+    /// The reporter of a process whose members are `members` (not empty): watermarks and the
+    /// group's health belong to the group, so one reporter per process is enough.
+    pub fn lag_reporter(members: &[Self]) -> LagReporter {
+        let first = &members[0];
         LagReporter {
-            consumer: self.consumer.clone(),
-            db: self.db.clone(),
-            kafka: self.kafka.clone(),
-            member: self.membership.member_id().to_owned(),
+            consumer: first.consumer.clone(),
+            db: first.db.clone(),
+            kafka: first.kafka.clone(),
+            members: members
+                .iter()
+                .map(|m| m.membership.member_id().to_owned())
+                .collect(),
             health: Arc::default(),
         }
     }
@@ -531,7 +539,7 @@ pub struct LagReporter {
     consumer: Arc<StreamConsumer>,
     db: DatabaseConnection,
     kafka: KafkaConfig,
-    member: String,
+    members: Vec<String>,
     health: Arc<std::sync::Mutex<Option<GroupHealth>>>,
 }
 
@@ -545,7 +553,7 @@ impl LagReporter {
     }
 
     /// Records the watermarks, then checks and logs the group's health (a WARN line when a
-    /// partition has no consumer or one of this member's partitions stalled).
+    /// partition has no consumer or a partition of this process's members stalled).
     pub async fn report(&self) {
         let partitions = match event_partitions(self.consumer.clone(), &self.kafka).await {
             Ok(partitions) => partitions,
@@ -573,7 +581,7 @@ impl LagReporter {
         }
         match partition_states(&self.db).await {
             Ok(states) => {
-                let health = GroupHealth::of(&states, &self.member);
+                let health = GroupHealth::of(&states, &self.members);
                 metrics::gauge!("consumer_partitions_stalled").set(health.stalled.len() as f64);
                 if !health.healthy() {
                     tracing::warn!(unowned = ?health.unowned, stalled = ?health.stalled,

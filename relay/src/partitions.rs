@@ -253,15 +253,18 @@ impl Membership {
             .execute(&mut *session)
             .await?;
         }
-        // Every partition row of the group, whether some session holds its lock, and how many
-        // members there are (this one included).
+        // Every partition row of the group, whether some session holds its lock, how many
+        // members there are (this one included) and how many of them have a smaller session pid
+        // (this member's rank: the order that decides who takes one partition more).
         let rows = sqlx::query(
-            "WITH locks AS (SELECT classid::int8 AS class, objid::int8 AS obj FROM pg_locks \
+            "WITH locks AS (SELECT classid::int8 AS class, objid::int8 AS obj, pid FROM pg_locks \
                WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
              SELECT p.id, p.topic, p.partition, \
                     EXISTS (SELECT 1 FROM locks WHERE class = $2 AND obj = p.id) AS locked, \
-                    (SELECT COUNT(*) FROM locks WHERE class = $3 AND obj = $4) AS members \
+                    (SELECT COUNT(*) FROM locks WHERE class = $3 AND obj = $4) AS members, \
+                    (SELECT COUNT(*) FROM locks WHERE class = $3 AND obj = $4 \
+                       AND pid < pg_backend_pid()) AS rank \
              FROM consumer_partitions p WHERE p.group_id = $1 ORDER BY p.topic, p.partition",
         )
         .bind(&group)
@@ -274,6 +277,7 @@ impl Membership {
 
         let mut free = Vec::new();
         let mut members = 1i64;
+        let mut rank = 0i64;
         let mut total = 0usize;
         for row in &rows {
             let tp = TopicPartition {
@@ -281,6 +285,7 @@ impl Membership {
                 partition: row.try_get("partition")?,
             };
             members = row.try_get::<i64, _>("members")?.max(1);
+            rank = row.try_get::<i64, _>("rank")?;
             if !partitions.contains(&tp) {
                 continue; // a topic this member does not consume
             }
@@ -290,7 +295,11 @@ impl Membership {
                 free.push((tp, row.try_get::<i32, _>("id")?));
             }
         }
-        let fair = total.div_ceil(usize::try_from(members).unwrap_or(1));
+        let fair = fair_share(
+            total,
+            usize::try_from(members).unwrap_or(1),
+            usize::try_from(rank).unwrap_or(0),
+        );
         let mut change = Rebalance::default();
 
         while self.held.len() > fair {
@@ -337,6 +346,15 @@ impl Membership {
         }
         Ok(change)
     }
+}
+
+/// How many of `total` partitions the member of rank `rank` (0-based) among `members` holds: an
+/// even split, the first `total % members` members one more. Every member computes the same
+/// split, so the shares add up to `total` and nobody is left idle while another holds extra (a
+/// share rounded up for everyone could give 3, 3, 3 and 0 of 9 partitions to 4 members).
+fn fair_share(total: usize, members: usize, rank: usize) -> usize {
+    let members = members.max(1);
+    total / members + usize::from(rank < total % members)
 }
 
 fn hostname() -> String {
@@ -417,11 +435,12 @@ pub struct GroupHealth {
 }
 
 impl GroupHealth {
-    /// A partition this member owns that did not move for this long while messages wait on it
-    /// is stalled.
+    /// A partition one of `members` owns that did not move for this long while messages wait on
+    /// it is stalled.
     pub const STALL_AFTER_SECS: f64 = 30.0;
 
-    pub fn of(states: &[PartitionState], member: &str) -> Self {
+    /// The health seen by a process whose group members are `members`.
+    pub fn of(states: &[PartitionState], members: &[String]) -> Self {
         let name = |s: &PartitionState| format!("{}[{}]", s.topic, s.partition);
         Self {
             unowned: states.iter().filter(|s| !s.owned).map(name).collect(),
@@ -429,7 +448,9 @@ impl GroupHealth {
                 .iter()
                 .filter(|s| {
                     s.owned
-                        && s.owner.as_deref() == Some(member)
+                        && s.owner
+                            .as_ref()
+                            .is_some_and(|owner| members.contains(owner))
                         && s.lag().unwrap_or(0) > 0
                         && s.idle_secs.unwrap_or(0.0) > Self::STALL_AFTER_SECS
                 })
@@ -483,5 +504,28 @@ mod tests {
         assert_eq!(group_key("acme-webhooks"), group_key("acme-webhooks"));
         assert_ne!(group_key("a"), group_key("b"));
         assert!(group_key("anything") >= 0);
+    }
+
+    #[test]
+    fn fair_shares_add_up_and_differ_by_at_most_one() {
+        for total in 0..20 {
+            for members in 1..8 {
+                let shares: Vec<usize> = (0..members)
+                    .map(|r| fair_share(total, members, r))
+                    .collect();
+                assert_eq!(
+                    shares.iter().sum::<usize>(),
+                    total,
+                    "{total} over {members}"
+                );
+                let min = shares.iter().min().copied().unwrap_or_default();
+                let max = shares.iter().max().copied().unwrap_or_default();
+                assert!(max - min <= 1, "{total} over {members}: {shares:?}");
+            }
+        }
+        assert_eq!(
+            (0..4).map(|r| fair_share(9, 4, r)).collect::<Vec<_>>(),
+            [3, 2, 2, 2]
+        );
     }
 }

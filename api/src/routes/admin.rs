@@ -25,7 +25,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, ErrorDetail};
 use crate::ingest::insert_outbox_rows;
 use crate::routes::ApiTags;
-use crate::schema::EventTypeSchema;
+use crate::schema::{EXAMPLE_EVENT_ID, EventTypeSchema};
 use crate::validation::{check_time_filter, is_storable_id};
 
 pub struct AdminApi;
@@ -80,9 +80,11 @@ pub struct EventView {
     pub contact_id: String,
     pub status: String,
     pub attempts: i32,
+    #[oai(nullable)]
     pub error: Option<String>,
     pub received_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub processed_at: Option<DateTime<Utc>>,
 }
 
@@ -108,7 +110,8 @@ impl From<webhook_event::Model> for EventView {
 #[serde(rename_all = "camelCase")]
 pub struct EventPage {
     pub events: Vec<EventView>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    #[oai(nullable)]
     pub next_cursor: Option<String>,
 }
 
@@ -120,9 +123,11 @@ pub struct OutboxView {
     pub topic: String,
     pub message_key: String,
     pub created_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub published_at: Option<DateTime<Utc>>,
     pub attempts: i32,
     pub next_attempt_at: DateTime<Utc>,
+    #[oai(nullable)]
     pub last_error: Option<String>,
 }
 
@@ -149,10 +154,13 @@ pub struct RetryResult {
 #[oai(rename_all = "camelCase")]
 pub struct RetryFilter {
     /// Only events of this type.
+    #[oai(nullable)]
     pub event_type: Option<EventTypeSchema>,
     /// Only events received at or after this time.
+    #[oai(nullable)]
     pub since: Option<DateTime<Utc>>,
     /// Only events received before this time.
+    #[oai(nullable)]
     pub until: Option<DateTime<Utc>>,
 }
 
@@ -196,15 +204,17 @@ pub struct OutboxSummary {
 pub struct PartitionView {
     pub topic: String,
     pub partition: i32,
-    /// The first offset not yet applied (absent: nothing applied yet).
+    /// The first offset not yet applied (`null`: nothing applied yet).
+    #[oai(nullable)]
     pub next_offset: Option<i64>,
     /// Messages not yet applied, as of the last high watermark a consumer read.
+    #[oai(nullable)]
     pub lag: Option<i64>,
     /// Whether a live consumer holds the partition.
     pub owned: bool,
 }
 
-const MAX_PAGE: u64 = 500;
+const DEFAULT_PAGE: u64 = 50;
 
 fn db_error(e: DbErr) -> ApiError {
     ApiError::internal("admin query failed", &e)
@@ -236,11 +246,12 @@ impl AdminApi {
         /// Only events received before this time.
         until: Query<Option<DateTime<Utc>>>,
         /// Page size, 1 to 500 (default 50).
+        #[oai(validator(minimum(value = "1"), maximum(value = "500")))]
         limit: Query<Option<u64>>,
-        /// `nextCursor` of the previous page.
-        cursor: Query<Option<String>>,
+        /// `nextCursor` of the previous page (an integer, sent as the string it came as).
+        cursor: Query<Option<i64>>,
     ) -> ApiResult<Json<EventPage>> {
-        let limit = limit.0.unwrap_or(50).clamp(1, MAX_PAGE);
+        let limit = limit.0.unwrap_or(DEFAULT_PAGE);
         let mut query = webhook_event::Entity::find()
             .order_by_desc(webhook_event::Column::Id)
             .limit(limit + 1);
@@ -248,14 +259,7 @@ impl AdminApi {
             query = query.filter(webhook_event::Column::Status.eq(status.as_str()));
         }
         query = query.filter(type_and_time(event_type.0, since.0, until.0)?);
-        if let Some(cursor) = cursor.0 {
-            let before: i64 = cursor.parse().map_err(|_| {
-                ApiError::bad_request(
-                    "cursor_invalid",
-                    "`cursor` is not a cursor from this API",
-                    vec![],
-                )
-            })?;
+        if let Some(before) = cursor.0 {
             query = query.filter(webhook_event::Column::Id.lt(before));
         }
         let mut rows = query.all(&state.db).await.map_err(db_error)?;
@@ -281,7 +285,7 @@ impl AdminApi {
         &self,
         _auth: AdminToken,
         state: Data<&Arc<AppState>>,
-        event_id: Path<String>,
+        #[oai(example = "example_event_id")] event_id: Path<String>,
     ) -> ApiResult<Json<EventDetail>> {
         let event = find_event(&state.db, &event_id.0).await?;
         let outbox = outbox::Entity::find()
@@ -323,7 +327,7 @@ impl AdminApi {
         &self,
         _auth: AdminToken,
         state: Data<&Arc<AppState>>,
-        event_id: Path<String>,
+        #[oai(example = "example_event_id")] event_id: Path<String>,
     ) -> ApiResult<Json<RetryResult>> {
         let event = find_event(&state.db, &event_id.0).await?;
         if event.status != webhook_event::STATUS_FAILED {
@@ -404,6 +408,11 @@ fn type_and_time(
         .add_option(event_type.map(|t| webhook_event::Column::EventType.eq(t.as_str())))
         .add_option(since.map(|t| webhook_event::Column::CreatedAt.gte(t)))
         .add_option(until.map(|t| webhook_event::Column::CreatedAt.lt(t))))
+}
+
+/// The example of `event_id`: the spec's example event (`scripts/contract` posts it first).
+fn example_event_id() -> String {
+    EXAMPLE_EVENT_ID.to_owned()
 }
 
 async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhook_event::Model> {

@@ -12,6 +12,7 @@ use sea_orm::EntityTrait;
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
 use crate::routes::ApiTags;
+use crate::schema::EXAMPLE_CONTACT_ID;
 use crate::validation::is_storable_id;
 
 pub struct ContactsApi;
@@ -22,18 +23,27 @@ pub struct ContactsApi;
 #[serde(rename_all = "camelCase")]
 pub struct ContactView {
     pub id: String,
+    #[oai(nullable)]
     pub email: Option<String>,
+    #[oai(nullable)]
     pub first_name: Option<String>,
+    #[oai(nullable)]
     pub last_name: Option<String>,
+    #[oai(nullable)]
     pub phone: Option<String>,
+    #[oai(nullable)]
     pub company: Option<String>,
+    #[oai(nullable)]
     pub title: Option<String>,
     /// `data.createdAt` as AcmeCRM sent it.
+    #[oai(nullable)]
     pub created_at: Option<DateTime<Utc>>,
     /// `data.updatedAt` of the applied event.
+    #[oai(nullable)]
     pub updated_at: Option<DateTime<Utc>>,
     /// True once a `contact.deleted` was applied; a deleted contact is never brought back.
     pub deleted: bool,
+    #[oai(nullable)]
     pub deleted_at: Option<DateTime<Utc>>,
     /// The event that produced this state.
     pub last_event_id: String,
@@ -61,6 +71,11 @@ impl From<contact::Model> for ContactView {
     }
 }
 
+/// The example of `id`: the contact of the spec's example event.
+fn example_contact_id() -> String {
+    EXAMPLE_CONTACT_ID.to_owned()
+}
+
 #[OpenApi(tag = "ApiTags::Contacts")]
 impl ContactsApi {
     /// Get a mirrored contact
@@ -72,7 +87,7 @@ impl ContactsApi {
     async fn get_contact(
         &self,
         state: Data<&Arc<AppState>>,
-        id: Path<String>,
+        #[oai(example = "example_contact_id")] id: Path<String>,
     ) -> ApiResult<Json<ContactView>> {
         // An id validation would refuse (NUL, over 255 bytes) names no contact; the store
         // could not even be asked about it.

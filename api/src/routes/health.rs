@@ -117,7 +117,7 @@ pub async fn readiness(state: &OpsState) -> Readiness {
                 name: "consumer".into(),
                 up: false,
                 error: Some(format!(
-                    "partitions without a consumer: {:?}; stalled partitions of this member: {:?}",
+                    "partitions without a consumer: {:?}; stalled partitions of this process: {:?}",
                     health.unowned, health.stalled
                 )),
             }

@@ -1,4 +1,5 @@
 //! `POST /api/webhooks`.
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -7,6 +8,8 @@ use poem::Request;
 use poem::web::Data;
 use poem_openapi::param::Header;
 use poem_openapi::payload::Json;
+use poem_openapi::registry::MetaSchemaRef;
+use poem_openapi::types::{ParseFromParameter, ParseResult, Type};
 use poem_openapi::{ApiResponse, OpenApi};
 use tracing::Instrument;
 
@@ -27,6 +30,46 @@ pub enum WebhookResponse {
     /// (`duplicate`). Either way AcmeCRM can stop retrying.
     #[oai(status = 200)]
     Ok(Json<WebhookAck>),
+}
+
+/// A header the spec declares `required` whose absence the handler answers itself (401, like a
+/// wrong value), instead of poem's parameter parsing (400).
+pub struct RequiredHeader(pub Option<String>);
+
+impl Type for RequiredHeader {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = String;
+    type RawElementValueType = String;
+
+    fn name() -> Cow<'static, str> {
+        String::name()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        String::schema_ref()
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        self.0.as_ref()
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.0.iter())
+    }
+}
+
+impl ParseFromParameter for RequiredHeader {
+    fn parse_from_parameter(value: &str) -> ParseResult<Self> {
+        Ok(Self(Some(value.to_owned())))
+    }
+
+    fn parse_from_parameters<I: IntoIterator<Item = A>, A: AsRef<str>>(
+        iter: I,
+    ) -> ParseResult<Self> {
+        Ok(Self(iter.into_iter().next().map(|v| v.as_ref().to_owned())))
+    }
 }
 
 /// Counts one refused webhook by its (bounded) reason.
@@ -50,6 +93,19 @@ impl WebhookApi {
     /// body, the timestamp window, the client IP allowlist, then the JSON body. A 200 means the
     /// event and its outbox row are committed in one transaction; processing happens after.
     /// Any non-2xx answer changed nothing, and a 500 may be retried.
+    ///
+    /// The body schema has one variant per `event` type (`oneOf`, discriminated by `event`):
+    /// `contact.created` and `contact.updated` need the contact's id, first and last name, email,
+    /// `createdAt` and `updatedAt`; `contact.deleted` needs only `data.id`.
+    ///
+    /// What the schema cannot say, and the service checks all the same (400, every offending
+    /// field in `details`): no string or key anywhere in the body, unknown fields included,
+    /// contains U+0000; no object repeats a key; ids are at most 255 *bytes* of UTF-8
+    /// (`maxLength` counts characters); nesting deeper than 128 levels and numbers beyond a
+    /// 64-bit float are not valid JSON here. The other way round, the service accepts a little
+    /// more than the schema: date-times with a space in place of `T`, and email addresses beyond
+    /// RFC 5321's ASCII `format: email` (letters and digits of any script in the domain, any
+    /// non-space character in a local part of at most 64 bytes: `ü@bücher.de`, `a..b@x.org`).
     #[oai(
         path = "/api/webhooks",
         method = "post",
@@ -59,26 +115,26 @@ impl WebhookApi {
         &self,
         state: Data<&Arc<AppState>>,
         request: &Request,
-        /// Required. `hex(HMAC-SHA256(secret, raw body))`, optionally prefixed `sha256=`, either
-        /// case. Missing or wrong: 401.
+        /// `hex(HMAC-SHA256(secret, raw body))`, optionally prefixed `sha256=`, either case.
+        /// Missing or wrong: 401.
         #[oai(name = "X-Acme-Signature")]
-        signature: Header<Option<String>>,
-        /// Required. When the webhook was sent: unix seconds, unix milliseconds or RFC 3339. More
-        /// than `webhook.timestamp_tolerance_secs` (default 300) from now, either way: 401.
+        signature: Header<RequiredHeader>,
+        /// When the webhook was sent: unix seconds, unix milliseconds or RFC 3339. Missing, or
+        /// more than `webhook.timestamp_tolerance_secs` (default 300) from now either way: 401.
         #[oai(name = "X-Acme-Timestamp")]
-        timestamp: Header<Option<String>>,
+        timestamp: Header<RequiredHeader>,
         body: RawJsonBody,
     ) -> ApiResult<WebhookResponse> {
         let started = Instant::now();
         let body = body.0;
-        if let Err(error) = state.verifier.verify(signature.0.as_deref(), &body) {
+        if let Err(error) = state.verifier.verify(signature.0.0.as_deref(), &body) {
             return Err(reject(
                 "signature_invalid",
                 ApiError::unauthorized("signature_invalid", error.to_string()),
             ));
         }
         let tolerance = state.config.webhook.timestamp_tolerance_secs;
-        if let Err(error) = check_freshness(timestamp.0.as_deref(), Utc::now(), tolerance) {
+        if let Err(error) = check_freshness(timestamp.0.0.as_deref(), Utc::now(), tolerance) {
             return Err(reject(
                 "timestamp_out_of_window",
                 ApiError::unauthorized("timestamp_invalid", error.to_string()),

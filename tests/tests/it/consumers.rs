@@ -66,13 +66,15 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
     )
     .await;
     let fast = [("ACME_WEBHOOKS_CONSUMER__REBALANCE_INTERVAL_MS", "500")];
+    // Every process runs `consumer.members` group members, and each of them owns partitions.
+    let per_process = config.consumer.members;
     let mut members = [
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
     ];
     wait_until(
         "members owning partitions",
-        2,
+        2 * per_process,
         Duration::from_secs(30),
         || distinct_owners(&ingest.db),
     )
@@ -93,7 +95,7 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
         // The survivor owns every partition and catches up while the load goes on.
         wait_until(
             "members owning partitions",
-            1,
+            per_process,
             Duration::from_secs(30),
             || distinct_owners(&ingest.db),
         )
@@ -117,7 +119,7 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
         members[victim] = ServiceProcess::start_role(&config, Some("consume"), &fast).await;
         wait_until(
             "members owning partitions",
-            2,
+            2 * per_process,
             Duration::from_secs(30),
             || distinct_owners(&ingest.db),
         )
@@ -153,10 +155,11 @@ async fn a_joining_consumer_gets_its_share() {
     let mut config = test_config(&fresh_database().await);
     config.kafka.brokers = Some(kafka_brokers());
     config.consumer.rebalance_interval_ms = 300;
+    let per_process = config.consumer.members;
     let first = TestApp::start(config.clone(), Roles::ALL).await;
     wait_until(
         "members owning partitions",
-        1,
+        per_process,
         Duration::from_secs(30),
         || distinct_owners(&first.db),
     )
@@ -164,7 +167,7 @@ async fn a_joining_consumer_gets_its_share() {
     let second = TestApp::start(config.clone(), Roles::CONSUMER).await;
     wait_until(
         "members owning partitions",
-        2,
+        2 * per_process,
         Duration::from_secs(30),
         || distinct_owners(&first.db),
     )

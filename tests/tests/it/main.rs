@@ -1,6 +1,7 @@
 //! Integration tests against real PostgreSQL and a real Kafka-protocol broker (Tansu).
 //! Run them with `scripts/test`, which provides both.
 mod consumers;
+mod contract;
 mod convergence;
 mod docs;
 mod embedded;

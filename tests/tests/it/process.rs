@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use api::config::Config;
 use serde_json::Value;
@@ -197,7 +197,14 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
         "evt-load",
         stop.clone(),
     ));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // SIGTERM while the load runs: once a few dozen events are in (however busy the machine).
+    let db = connect(&config).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&db, "SELECT COUNT(*) FROM webhook_events").await < 30 && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let status = service.terminate().await;
     stop.store(true, Ordering::Relaxed);
     let acknowledged = sender.await.expect("sender");
