@@ -138,3 +138,22 @@ ensure_broker() {
   wait_for_port "$port" 30 || { log "Tansu did not start:"; tail -n 20 "$log_file" >&2; return 1; }
   export ACME_TEST_KAFKA_BROKERS=127.0.0.1:$port
 }
+
+# Prometheus and promtool for the alert-rule tests and the scrape test (Debian's `prometheus`
+# package). Debian's package would start its own service: a policy-rc.d that denies service
+# starts is put in place for the install when none exists. Exports ACME_TEST_PROMETHEUS and
+# ACME_TEST_PROMTOOL; the tests start their own Prometheus on a free port with a temporary config.
+ensure_prometheus() {
+  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+    local policy=/usr/sbin/policy-rc.d added=
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+      as_root chmod +x "$policy"
+      added=1
+    fi
+    apt_install prometheus || { [ -n "$added" ] && as_root rm -f "$policy"; return 1; }
+    [ -n "$added" ] && as_root rm -f "$policy"
+  fi
+  export ACME_TEST_PROMETHEUS=${ACME_TEST_PROMETHEUS:-$(command -v prometheus)}
+  export ACME_TEST_PROMTOOL=${ACME_TEST_PROMTOOL:-$(command -v promtool)}
+}

@@ -12,6 +12,7 @@ use relay::consumer::{KafkaEventConsumer, LagReporter, run_in_process};
 use relay::kafka::KafkaPublisher;
 use relay::outbox_relay::{OutboxRelay, republish_pending};
 use relay::processor::EventProcessor;
+use relay::retention::Retention;
 use relay::wakeup::OutboxWakeup;
 use sea_orm::DatabaseConnection;
 use tokio::sync::mpsc;
@@ -167,6 +168,7 @@ impl Service {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         telemetry::metrics_handle();
+        telemetry::register_metrics(roles);
 
         let db = db::connect(&config)
             .await
@@ -220,6 +222,11 @@ impl Service {
                 tasks.spawn(relay.another_loop().run(wakeup.clone(), shutdown.clone()));
             }
             tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
+            if config.retention.enabled {
+                tasks.spawn(
+                    Retention::new(db.clone(), config.retention.clone()).run(shutdown.clone()),
+                );
+            }
         }
         let mut consumer_health = None;
         if roles.consumer {
@@ -271,6 +278,7 @@ impl Service {
             db: db.clone(),
             consumer: consumer_health,
         });
+        let ops_for_gauges = ops.clone();
         let app = if roles.http {
             secrets = dev::resolve_secrets(&config)?;
             let state = Arc::new(AppState {
@@ -313,8 +321,18 @@ impl Service {
             });
             http_addr
         };
+        // A readiness probe opens a Kafka client of its own: less often than the backlog query.
+        tasks.spawn(crate::routes::health::refresh_readiness_gauge(
+            ops_for_gauges,
+            Duration::from_secs(3 * config.metrics.backlog_refresh_secs),
+            shutdown.clone(),
+        ));
         tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
             db.clone(),
+            relay::EVENT_TYPES
+                .iter()
+                .map(|t| config.kafka.topic_for(t))
+                .collect(),
             Duration::from_secs(config.metrics.backlog_refresh_secs),
             shutdown.clone(),
         ));

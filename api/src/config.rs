@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use ipnet::IpNet;
-use relay::config::{ConsumerConfig, KafkaConfig, RelayConfig};
+use relay::config::{ConsumerConfig, KafkaConfig, RelayConfig, RetentionConfig};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The documented defaults; the same file users copy as a starting point.
@@ -27,6 +27,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub relay: RelayConfig,
     pub consumer: ConsumerConfig,
+    pub retention: RetentionConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -270,6 +271,23 @@ impl Config {
         {
             return invalid("admin.token", "must be at least 8 characters");
         }
+        if self.retention.published_outbox_secs == 0 {
+            return invalid("retention.published_outbox_secs", "must be greater than 0");
+        }
+        if self.retention.processed_events_secs < self.retention.published_outbox_secs {
+            // An event goes only after its outbox rows: a shorter event retention would not
+            // take effect anyway.
+            return invalid(
+                "retention.processed_events_secs",
+                "must be at least retention.published_outbox_secs",
+            );
+        }
+        if self.retention.interval_secs == 0 {
+            return invalid("retention.interval_secs", "must be greater than 0");
+        }
+        if self.retention.batch_size == 0 {
+            return invalid("retention.batch_size", "must be greater than 0");
+        }
         if self.metrics.backlog_refresh_secs == 0 {
             return invalid("metrics.backlog_refresh_secs", "must be greater than 0");
         }
@@ -318,6 +336,11 @@ mod tests {
         assert!(config.is_embedded_database());
         assert_eq!(config.kafka.topic_prefix, "acme");
         assert!(config.admin.token.is_none());
+        assert!(config.retention.enabled);
+        assert_eq!(config.retention.published_outbox_secs, 7 * 86_400);
+        assert_eq!(config.retention.processed_events_secs, 30 * 86_400);
+        assert_eq!(config.retention.interval_secs, 60);
+        assert_eq!(config.retention.batch_size, 2000);
     }
 
     #[test]
@@ -412,6 +435,16 @@ mod tests {
                 "kafka.topic_prefix",
             ),
             ("ACME_WEBHOOKS_LOG__FORMAT", "xml", "format"),
+            (
+                "ACME_WEBHOOKS_RETENTION__PROCESSED_EVENTS_SECS",
+                "60",
+                "retention.processed_events_secs",
+            ),
+            (
+                "ACME_WEBHOOKS_RETENTION__BATCH_SIZE",
+                "0",
+                "retention.batch_size",
+            ),
             ("ACME_WEBHOOKS_HTTP__NO_SUCH_KEY", "1", "no_such_key"),
         ];
         for (var, value, key) in cases {

@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
+use crate::app::Roles;
 use crate::config::{LogConfig, LogFormat};
 
 /// Installs the tracing subscriber; a second call (tests start many services) is a no-op.
@@ -37,4 +38,131 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
         let _ = metrics::set_global_recorder(recorder);
         handle
     })
+}
+
+/// Describes the metrics (their `# HELP` lines) and creates at zero the counters that alert rules
+/// and the dashboard divide by or watch for growth, so they exist before their first event. Each
+/// role registers its own; every role serves HTTP (the operations endpoints at least).
+pub fn register_metrics(roles: Roles) {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "service_ready",
+        "1 when /readyz would answer 200 (database, broker and consumer group healthy), else 0"
+    );
+    describe_gauge!(
+        "service_dependency_up",
+        "1 when the dependency answered its last readiness probe, else 0"
+    );
+    describe_counter!(
+        "http_connections_refused_total",
+        "connections answered 503 at once because http.max_connections were open"
+    );
+    describe_counter!(
+        "http_accept_errors_total",
+        "accept() failures (out of file descriptors...)"
+    );
+    describe_gauge!(
+        "events_unprocessed",
+        "acknowledged events not yet processed (pending)"
+    );
+    describe_gauge!(
+        "events_oldest_unprocessed_age_seconds",
+        "age of the oldest acknowledged event not yet processed: the golden signal"
+    );
+    describe_gauge!(
+        "events_failed",
+        "events that could not be applied and wait for an operator (status failed)"
+    );
+    describe_gauge!(
+        "events_republished_pending",
+        "pending events the relay's safety net has published again"
+    );
+    describe_gauge!("outbox_pending_total", "unpublished outbox rows");
+    describe_gauge!(
+        "outbox_oldest_claimable_age_seconds_max",
+        "age of the oldest outbox row the relay could publish now"
+    );
+    describe_gauge!(
+        "consumer_lag",
+        "messages not yet applied per partition of the consumer group"
+    );
+    describe_gauge!(
+        "consumer_partitions_unowned",
+        "partitions of the consumer group that no live consumer holds"
+    );
+    for counter in ["http_connections_refused_total", "http_accept_errors_total"] {
+        metrics::counter!(counter).increment(0);
+    }
+    if roles.http {
+        describe_counter!("webhook_requests_total", "webhook requests by outcome");
+        describe_counter!(
+            "webhook_rejections_total",
+            "webhook requests refused (and duplicates), by reason"
+        );
+        describe_histogram!(
+            "webhook_ingest_seconds",
+            "time from a verified webhook to its committed ack"
+        );
+        for outcome in ["accepted", "duplicate", "rejected", "error"] {
+            metrics::counter!("webhook_requests_total", "outcome" => outcome).increment(0);
+        }
+        for reason in ["signature_invalid", "timestamp_out_of_window"] {
+            metrics::counter!("webhook_rejections_total", "reason" => reason).increment(0);
+        }
+    }
+    if roles.relay {
+        describe_counter!("relay_published_total", "outbox rows published");
+        describe_counter!("relay_failed_total", "publish attempts that failed");
+        describe_counter!(
+            "relay_republished_total",
+            "rows the safety net published again (event still pending long after delivery)"
+        );
+        describe_counter!(
+            "retention_pruned_total",
+            "rows deleted by retention, by table"
+        );
+        describe_counter!("retention_failures_total", "retention runs that failed");
+        describe_gauge!(
+            "retention_last_run_timestamp_seconds",
+            "unix time at which the last retention run of this process completed"
+        );
+        describe_gauge!(
+            "retention_last_run_duration_seconds",
+            "how long the last completed retention run took"
+        );
+        for counter in [
+            "relay_published_total",
+            "relay_failed_total",
+            "relay_republished_total",
+        ] {
+            metrics::counter!(counter).increment(0);
+        }
+    }
+    if roles.consumer {
+        describe_counter!("consumer_processed_total", "events applied");
+        describe_counter!(
+            "consumer_failed_total",
+            "events that could not be applied (marked failed)"
+        );
+        describe_counter!(
+            "consumer_dead_lettered_total",
+            "messages published to the dead-letter topic"
+        );
+        describe_counter!(
+            "consumer_retries_total",
+            "transient processing failures retried"
+        );
+        describe_gauge!(
+            "consumer_partitions_stalled",
+            "partitions of this consumer with messages waiting that have not moved for 30 s"
+        );
+        for counter in [
+            "consumer_processed_total",
+            "consumer_failed_total",
+            "consumer_dead_lettered_total",
+            "consumer_retries_total",
+        ] {
+            metrics::counter!(counter).increment(0);
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod m20261129_000001_create_webhook_events;
 mod m20261129_000002_create_outbox;
 mod m20261129_000003_create_contacts;
 mod m20261129_000004_consumer_partitions;
+mod m20261201_000005_outbox_published_index;
 
 /// Every migration of the service, in order.
 pub struct Migrator;
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000002_create_outbox::Migration),
             Box::new(m20261129_000003_create_contacts::Migration),
             Box::new(m20261129_000004_consumer_partitions::Migration),
+            Box::new(m20261201_000005_outbox_published_index::Migration),
         ]
     }
 }

@@ -117,6 +117,44 @@ impl ConsumerConfig {
     }
 }
 
+/// `[retention]`: how long published outbox rows and processed events are kept.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Prune at all (relay role, or the all-in-one process).
+    pub enabled: bool,
+    /// Outbox rows published longer ago than this are deleted, unless their event still needs
+    /// them (not yet `processed`).
+    pub published_outbox_secs: u64,
+    /// `processed` events received and processed longer ago than this are deleted: the horizon
+    /// within which a repeated event id is still answered `duplicate`.
+    pub processed_events_secs: u64,
+    /// Pause between two runs; a run deletes in batches until nothing old is left.
+    pub interval_secs: u64,
+    /// Rows deleted per statement (one short transaction each).
+    pub batch_size: u64,
+    /// Pause between two batches of a run, in milliseconds.
+    pub batch_pause_ms: u64,
+}
+
+impl RetentionConfig {
+    pub fn published_outbox(&self) -> Duration {
+        Duration::from_secs(self.published_outbox_secs)
+    }
+
+    pub fn processed_events(&self) -> Duration {
+        Duration::from_secs(self.processed_events_secs)
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.interval_secs)
+    }
+
+    pub fn batch_pause(&self) -> Duration {
+        Duration::from_millis(self.batch_pause_ms)
+    }
+}
+
 /// Exponential backoff `base * 2^attempt`, capped at `max`.
 pub fn backoff(base_ms: u64, max_ms: u64, attempt: u32) -> Duration {
     let factor = 1u64.checked_shl(attempt.min(32)).unwrap_or(u64::MAX);

@@ -582,6 +582,7 @@ impl LagReporter {
         match partition_states(&self.db).await {
             Ok(states) => {
                 let health = GroupHealth::of(&states, &self.members);
+                metrics::gauge!("consumer_partitions_stalled").set(health.stalled.len() as f64);
                 if !health.healthy() {
                     tracing::warn!(unowned = ?health.unowned, stalled = ?health.stalled,
                         "consumer health: partitions not being consumed");

@@ -9,6 +9,7 @@ pub mod outbox_relay;
 pub mod partitions;
 pub mod processor;
 pub mod projection;
+pub mod retention;
 pub mod wakeup;
 
 pub use event::EVENT_TYPES;

@@ -16,7 +16,7 @@ use relay::config::KafkaConfig;
 use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
     ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
-    QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -573,13 +573,15 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<OutboxSummary, DbErr> {
     })
 }
 
-/// Keeps the `outbox_*` gauges current, so a scrape never queries the database.
+/// Keeps the `outbox_*` gauges current, so a scrape never queries the database. The per-topic
+/// gauges of `topics` exist from the start (at 0), not only once a backlog was seen.
 pub async fn refresh_backlog_gauges(
     db: DatabaseConnection,
+    topics: Vec<String>,
     every: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut seen = BTreeSet::<String>::new();
+    let mut seen = BTreeSet::<String>::from_iter(topics);
     while !shutdown.is_cancelled() {
         match backlog(&db).await {
             Ok(summary) => {
@@ -620,11 +622,23 @@ pub async fn refresh_backlog_gauges(
             }
             Err(error) => tracing::warn!(%error, "outbox backlog query failed"),
         }
+        match failed_events(&db).await {
+            Ok(failed) => metrics::gauge!("events_failed").set(failed as f64),
+            Err(error) => tracing::warn!(%error, "failed events query failed"),
+        }
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// How many events are `failed`, waiting for an operator's retry (an index-only count).
+async fn failed_events(db: &DatabaseConnection) -> Result<u64, DbErr> {
+    webhook_event::Entity::find()
+        .filter(webhook_event::Column::Status.eq(webhook_event::STATUS_FAILED))
+        .count(db)
+        .await
 }
 
 fn set_gauges(topic: &str, pending: i64, parked: i64, oldest: f64) {

@@ -6,6 +6,8 @@ use poem::web::Data;
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::app::OpsState;
 use crate::routes::ApiTags;
 use crate::telemetry::metrics_handle;
@@ -57,55 +59,8 @@ impl HealthApi {
     /// consumer or one of its own partitions has stopped moving with messages waiting.
     #[oai(path = "/readyz", method = "get", operation_id = "readyz")]
     async fn readyz(&self, state: Data<&Arc<OpsState>>) -> ReadyResponse {
-        let database = match tokio::time::timeout(PROBE_TIMEOUT, state.db.ping()).await {
-            Ok(Ok(())) => DependencyStatus {
-                name: "database".into(),
-                up: true,
-                error: None,
-            },
-            Ok(Err(_)) => down("database", "the database did not answer"),
-            Err(_) => down("database", "the database did not answer in time"),
-        };
-        let mut dependencies = vec![database];
-        if state.config.kafka.brokers.is_some() {
-            dependencies.push(
-                match relay::kafka::check_broker(&state.config.kafka, PROBE_TIMEOUT).await {
-                    Ok(()) => DependencyStatus {
-                        name: "kafka".into(),
-                        up: true,
-                        error: None,
-                    },
-                    Err(_) => down(
-                        "kafka",
-                        "the broker did not answer a metadata request in time",
-                    ),
-                },
-            );
-        }
-        if let Some(health) = state.consumer.as_ref().and_then(|c| c.health()) {
-            dependencies.push(if health.healthy() {
-                DependencyStatus {
-                    name: "consumer".into(),
-                    up: true,
-                    error: None,
-                }
-            } else {
-                DependencyStatus {
-                    name: "consumer".into(),
-                    up: false,
-                    error: Some(format!(
-                        "partitions without a consumer: {:?}; stalled partitions of this process: {:?}",
-                        health.unowned, health.stalled
-                    )),
-                }
-            });
-        }
-        let ready = dependencies.iter().all(|d| d.up);
-        let body = Json(Readiness {
-            ready,
-            dependencies,
-        });
-        if ready {
+        let body = Json(readiness(&state).await);
+        if body.ready {
             ReadyResponse::Ready(body)
         } else {
             ReadyResponse::NotReady(body)
@@ -119,6 +74,80 @@ impl HealthApi {
     #[oai(path = "/metrics", method = "get", operation_id = "metrics")]
     async fn metrics(&self) -> PlainText<String> {
         PlainText(metrics_handle().render())
+    }
+}
+
+/// Probes what `/readyz` reports: the database, the broker when configured, and the consumer
+/// group of a `consume` process.
+pub async fn readiness(state: &OpsState) -> Readiness {
+    let database = match tokio::time::timeout(PROBE_TIMEOUT, state.db.ping()).await {
+        Ok(Ok(())) => DependencyStatus {
+            name: "database".into(),
+            up: true,
+            error: None,
+        },
+        Ok(Err(_)) => down("database", "the database did not answer"),
+        Err(_) => down("database", "the database did not answer in time"),
+    };
+    let mut dependencies = vec![database];
+    if state.config.kafka.brokers.is_some() {
+        dependencies.push(
+            match relay::kafka::check_broker(&state.config.kafka, PROBE_TIMEOUT).await {
+                Ok(()) => DependencyStatus {
+                    name: "kafka".into(),
+                    up: true,
+                    error: None,
+                },
+                Err(_) => down(
+                    "kafka",
+                    "the broker did not answer a metadata request in time",
+                ),
+            },
+        );
+    }
+    if let Some(health) = state.consumer.as_ref().and_then(|c| c.health()) {
+        dependencies.push(if health.healthy() {
+            DependencyStatus {
+                name: "consumer".into(),
+                up: true,
+                error: None,
+            }
+        } else {
+            DependencyStatus {
+                name: "consumer".into(),
+                up: false,
+                error: Some(format!(
+                    "partitions without a consumer: {:?}; stalled partitions of this process: {:?}",
+                    health.unowned, health.stalled
+                )),
+            }
+        });
+    }
+    let ready = dependencies.iter().all(|d| d.up);
+    Readiness {
+        ready,
+        dependencies,
+    }
+}
+
+/// Keeps `service_ready` and `service_dependency_up{dependency}` current (probed every `every`,
+/// never by a scrape), so an alert can see a process that is up but not ready.
+pub async fn refresh_readiness_gauge(
+    state: Arc<OpsState>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let readiness = readiness(&state).await;
+        metrics::gauge!("service_ready").set(if readiness.ready { 1.0 } else { 0.0 });
+        for dependency in readiness.dependencies {
+            metrics::gauge!("service_dependency_up", "dependency" => dependency.name)
+                .set(if dependency.up { 1.0 } else { 0.0 });
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(every) => {}
+        }
     }
 }
 
