@@ -65,9 +65,12 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
         },
     )
     .await;
-    let fast = [("ACME_WEBHOOKS_CONSUMER__REBALANCE_INTERVAL_MS", "500")];
-    // Every process runs `consumer.members` group members, and each of them owns partitions.
-    let per_process = config.consumer.members;
+    // Two group members per process: each of them owns partitions, and a kill ends both.
+    let fast = [
+        ("ACME_WEBHOOKS_CONSUMER__REBALANCE_INTERVAL_MS", "500"),
+        ("ACME_WEBHOOKS_CONSUMER__MEMBERS", "2"),
+    ];
+    let per_process = 2;
     let mut members = [
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
