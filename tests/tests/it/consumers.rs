@@ -39,6 +39,17 @@ async fn distinct_owners(db: &sea_orm::DatabaseConnection) -> usize {
         .len()
 }
 
+/// Waits (30 s at most) until every partition is owned, by `members` distinct members.
+async fn wait_for_owners(db: &sea_orm::DatabaseConnection, members: usize) {
+    wait_until(
+        "members owning partitions",
+        members,
+        Duration::from_secs(30),
+        || distinct_owners(db),
+    )
+    .await;
+}
+
 async fn processed(db: &sea_orm::DatabaseConnection) -> i64 {
     count(
         db,
@@ -75,13 +86,7 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
         ServiceProcess::start_role(&config, Some("consume"), &fast).await,
     ];
-    wait_until(
-        "members owning partitions",
-        2 * per_process,
-        Duration::from_secs(30),
-        || distinct_owners(&ingest.db),
-    )
-    .await;
+    wait_for_owners(&ingest.db, 2 * per_process).await;
 
     let mut acknowledged = 0;
     for (round, prefix) in [(0usize, "evt-round-0"), (1, "evt-round-1")] {
@@ -96,13 +101,7 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
         members[victim].kill().await;
         let killed_at = Instant::now();
         // The survivor owns every partition and catches up while the load goes on.
-        wait_until(
-            "members owning partitions",
-            per_process,
-            Duration::from_secs(30),
-            || distinct_owners(&ingest.db),
-        )
-        .await;
+        wait_for_owners(&ingest.db, per_process).await;
         let taken_over_in = killed_at.elapsed();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         stop.store(true, Ordering::Relaxed);
@@ -120,13 +119,7 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
             killed_at.elapsed()
         );
         members[victim] = ServiceProcess::start_role(&config, Some("consume"), &fast).await;
-        wait_until(
-            "members owning partitions",
-            2 * per_process,
-            Duration::from_secs(30),
-            || distinct_owners(&ingest.db),
-        )
-        .await;
+        wait_for_owners(&ingest.db, 2 * per_process).await;
     }
     assert_eq!(processed(&ingest.db).await, acknowledged);
     assert_eq!(
@@ -160,21 +153,9 @@ async fn a_joining_consumer_gets_its_share() {
     config.consumer.rebalance_interval_ms = 300;
     let per_process = config.consumer.members;
     let first = TestApp::start(config.clone(), Roles::ALL).await;
-    wait_until(
-        "members owning partitions",
-        per_process,
-        Duration::from_secs(30),
-        || distinct_owners(&first.db),
-    )
-    .await;
+    wait_for_owners(&first.db, per_process).await;
     let second = TestApp::start(config.clone(), Roles::CONSUMER).await;
-    wait_until(
-        "members owning partitions",
-        2 * per_process,
-        Duration::from_secs(30),
-        || distinct_owners(&first.db),
-    )
-    .await;
+    wait_for_owners(&first.db, 2 * per_process).await;
     for i in 0..60 {
         let event = contact_event(
             "contact.created",
