@@ -17,9 +17,10 @@ command -v pgbench >/dev/null || apt_install postgresql-contrib
 command -v jq >/dev/null || apt_install jq
 
 log "building (release)"
-cargo build --release --quiet -p acme-webhooks --bin acme-webhooks --example bare_poem
-cargo build --release --quiet -p relay --example raw_producer
+# One build: the service, the load generator (bench/loadgen) and the two baseline examples.
+cargo build --release --quiet -p acme-webhooks -p loadgen -p relay --bins --examples
 BIN=$TARGET_DIR/release/acme-webhooks
+LOADGEN=$TARGET_DIR/release/loadgen
 
 fresh_db() { # name -> URL
   local base=${ACME_TEST_DATABASE_URL%/*}
@@ -51,7 +52,7 @@ stop_service() { # pid -> prints its peak RSS in MB
 loadgen() { # name url args...
   local name=$1 url=$2
   shift 2
-  "$BIN" loadgen --url "$url" --secret "$SECRET" --quiet --json "$OUT/$name.json" "$@" \
+  "$LOADGEN" --url "$url" --secret "$SECRET" --quiet --json "$OUT/$name.json" "$@" \
     >"$OUT/$name.txt"
   cat "$OUT/$name.txt" >&2
 }

@@ -20,8 +20,6 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-// Parsed once per process: the size of the `Loadgen` variant costs nothing worth boxing.
-#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run only the HTTP API (webhook ingest, contacts, admin, ops endpoints).
     Serve,
@@ -33,8 +31,6 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI spec as YAML (no database needed).
     Openapi,
-    /// Send signed load to a running service; report rates and ack/end-to-end latencies.
-    Loadgen(crate::loadgen::LoadgenArgs),
 }
 
 /// Entry point of the binary.
@@ -43,11 +39,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         print!("{}", crate::app::openapi_yaml());
         return Ok(());
     }
-    // A client of the service: it needs neither the service's configuration nor its logging.
-    let command = match cli.command {
-        Some(Command::Loadgen(args)) => return crate::loadgen::main(args).await,
-        command => command,
-    };
+    let command = cli.command;
     let config = Config::load(cli.config.as_deref())?;
     telemetry::init_tracing(&config.log);
     let roles = match command {
@@ -63,7 +55,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("migrations applied");
             return Ok(());
         }
-        Some(Command::Openapi | Command::Loadgen(_)) => unreachable!("handled above"),
+        Some(Command::Openapi) => unreachable!("handled above"),
     };
     let generated_secret = config.webhook.secrets.is_empty();
     let service = Service::start(config.clone(), roles, None).await?;

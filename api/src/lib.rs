@@ -9,7 +9,6 @@ pub mod dev;
 pub mod error;
 pub mod http_server;
 pub mod ingest;
-pub mod loadgen;
 pub mod middleware;
 pub mod raw_body;
 pub mod routes;

@@ -1,6 +1,6 @@
-//! `acme-webhooks loadgen` against a running service: what it reports is what the database holds.
+//! `loadgen` (bench/loadgen) against a running service: what it reports is what the database holds.
 use api::Roles;
-use api::loadgen::{self, LoadgenArgs, LoadgenReport};
+use loadgen::{LoadgenArgs, LoadgenReport};
 
 use crate::support::{SECRET, TestApp, fresh_database, test_config};
 

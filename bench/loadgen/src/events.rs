@@ -233,8 +233,8 @@ impl std::fmt::Display for ContactId {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signature::SignatureVerifier;
-    use crate::validation::validate_event;
+    use api::signature::SignatureVerifier;
+    use api::validation::validate_event;
 
     fn spec(kind: Kind) -> EventSpec {
         EventSpec {

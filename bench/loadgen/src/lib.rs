@@ -1,4 +1,4 @@
-//! `acme-webhooks loadgen`: sends unique, correctly signed contact events to a running service
+//! `loadgen`: sends unique, correctly signed contact events to a running service
 //! and reports throughput, ack latency and (with the database URL) end-to-end latency.
 //!
 //! Two models:
@@ -23,14 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use clap::Args;
+use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use crate::config::Secret;
 use events::{EventFactory, EventSpec, Kind};
 use stats::{Ack, Answer, Completion, LatencySummary, Stats};
 
@@ -43,8 +42,13 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many recently sent events a duplicate may re-send.
 const DUPLICATE_POOL: usize = 4096;
 
-/// Options of `acme-webhooks loadgen`.
-#[derive(Args, Clone)]
+/// Options of `loadgen`.
+#[derive(Parser, Clone)]
+#[command(
+    name = "loadgen",
+    version,
+    about = "Sends signed load to a running acme-webhooks service; reports rates and ack/end-to-end latencies"
+)]
 pub struct LoadgenArgs {
     /// The webhook endpoint.
     #[arg(long, default_value = "http://127.0.0.1:8080/api/webhooks")]
@@ -97,21 +101,35 @@ pub struct LoadgenArgs {
 }
 
 impl LoadgenArgs {
-    /// Parses the options exactly as `acme-webhooks loadgen <args>` would, for code that drives
-    /// the load generator (tests, scripts in Rust).
+    /// Parses the options exactly as `loadgen <args>` would, for code that drives the load
+    /// generator (tests, scripts in Rust).
     pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        use clap::Parser as _;
-        let argv = ["acme-webhooks".into(), "loadgen".into()]
-            .into_iter()
-            .chain(args.into_iter().map(Into::into));
-        match crate::cli::Cli::try_parse_from(argv)?.command {
-            Some(crate::cli::Command::Loadgen(args)) => Ok(args),
-            _ => unreachable!("the `loadgen` subcommand was given"),
-        }
+        let argv = std::iter::once("loadgen".into()).chain(args.into_iter().map(Into::into));
+        Self::try_parse_from(argv)
+    }
+}
+
+/// The webhook secret; never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
     }
 }
 
