@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, LazyLock};
 
 use chrono::Utc;
-use entity::{outbox, webhook_event};
+use entity::{EventStatus, outbox, webhook_event};
 use relay::config::KafkaConfig;
 use relay::event::{HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 use relay::wakeup::{NOTIFY_CHANNEL, OutboxWakeup};
@@ -76,7 +76,7 @@ static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
          SELECT event_id, $3 || '.' || event_type, contact_id, payload, \
            jsonb_build_object('{HEADER_EVENT_ID}', event_id, '{HEADER_EVENT_TYPE}', event_type), $2, $2 \
          FROM new_events ORDER BY event_id RETURNING event_id",
-        pending = webhook_event::STATUS_PENDING,
+        pending = EventStatus::Pending.as_str(),
     )
 });
 
@@ -162,7 +162,7 @@ async fn insert_portable<C: ConnectionTrait>(
             e.event_type.as_str().into(),
             e.contact_id.clone().into(),
             e.payload.clone().into(),
-            webhook_event::STATUS_PENDING.into(),
+            EventStatus::Pending.as_str().into(),
             now.into(),
             now.into(),
         ]);

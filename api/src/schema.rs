@@ -14,29 +14,6 @@ pub const EXAMPLE_CONTACT_ID: &str = "c8b5f7d9-8e7a-4a1d-9b5c-1d2e3f4a5b6c";
 /// The id of the spec's example event.
 pub const EXAMPLE_EVENT_ID: &str = "evt_123456789";
 
-/// The type of a contact event.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-#[oai(rename = "ContactEventType")]
-pub enum EventTypeSchema {
-    #[oai(rename = "contact.created")]
-    ContactCreated,
-    #[oai(rename = "contact.updated")]
-    ContactUpdated,
-    #[oai(rename = "contact.deleted")]
-    ContactDeleted,
-}
-
-impl EventTypeSchema {
-    /// The wire name, e.g. `contact.created`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::ContactCreated => "contact.created",
-            Self::ContactUpdated => "contact.updated",
-            Self::ContactDeleted => "contact.deleted",
-        }
-    }
-}
-
 /// A contact event posted by AcmeCRM, one schema per `event` type. Unknown extra fields, at any
 /// level, are accepted and stored as sent.
 #[derive(Union, Debug, Clone)]

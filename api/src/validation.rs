@@ -1,31 +1,11 @@
-//! Validation of the contact event body: every offending field is reported, not just the first.
+//! Validation of the webhook body: the strict JSON reading (duplicate keys, NUL characters),
+//! then the contact event parser the consumer uses too ([`relay::event::ContactEvent`]). Every
+//! offending field is reported, not just the first.
 use chrono::{DateTime, Datelike, Utc};
-use relay::event::{EventType, rfc3339_field};
-use serde_json::{Map, Value};
+use relay::event::MAX_ID_LEN;
+pub use relay::event::{ContactEvent, FieldError};
 
 use crate::strict_json::{StrictJson, parse_strict};
-
-/// Longest event id or contact id we store (the column width).
-const MAX_ID_LEN: usize = 255;
-/// RFC 5321 limit on an address.
-const MAX_EMAIL_LEN: usize = 320;
-
-/// One offending field, by JSON path (`data.email`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-/// A body that passed validation; `payload` is the body as received, unknown fields included.
-#[derive(Debug, Clone)]
-pub struct ContactEvent {
-    pub event_id: String,
-    pub event_type: EventType,
-    pub timestamp: DateTime<Utc>,
-    pub contact_id: String,
-    pub payload: Value,
-}
 
 /// Why a body was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,96 +19,9 @@ pub enum ValidationError {
 /// Parses and validates a webhook body.
 /// Duplicate keys and NUL characters anywhere are reported along with the field checks.
 pub fn validate_event(body: &[u8]) -> Result<ContactEvent, ValidationError> {
-    let StrictJson {
-        value: payload,
-        problems: mut errors,
-    } = parse_strict(body).map_err(|e| ValidationError::Json(e.to_string()))?;
-    let Some(root) = payload.as_object() else {
-        errors.push(error("$", "must be a JSON object"));
-        return Err(ValidationError::Fields(errors));
-    };
-
-    let event_type = match root.get("event") {
-        None | Some(Value::Null) => {
-            errors.push(error("event", "is required"));
-            None
-        }
-        Some(value) => {
-            let parsed = value.as_str().and_then(EventType::parse);
-            if parsed.is_none() {
-                errors.push(error(
-                    "event",
-                    "must be one of contact.created, contact.updated, contact.deleted",
-                ));
-            }
-            parsed
-        }
-    };
-    let event_id = required_id(root, "id", "id", &mut errors);
-    let timestamp = required_time(root, "timestamp", "timestamp", &mut errors);
-
-    let contact_id = match root.get("data") {
-        Some(Value::Object(data)) => validate_data(data, event_type, &mut errors),
-        None | Some(Value::Null) => {
-            errors.push(error("data", "is required"));
-            None
-        }
-        Some(_) => {
-            errors.push(error("data", "must be an object"));
-            None
-        }
-    };
-
-    match (event_type, event_id, timestamp, contact_id) {
-        (Some(event_type), Some(event_id), Some(timestamp), Some(contact_id))
-            if errors.is_empty() =>
-        {
-            Ok(ContactEvent {
-                event_id,
-                event_type,
-                timestamp,
-                contact_id,
-                payload,
-            })
-        }
-        _ => Err(ValidationError::Fields(errors)),
-    }
-}
-
-/// Checks `data` for the event type; returns the contact id when it is valid.
-fn validate_data(
-    data: &Map<String, Value>,
-    event_type: Option<EventType>,
-    errors: &mut Vec<FieldError>,
-) -> Option<String> {
-    let contact_id = required_id(data, "id", "data.id", errors);
-    match event_type {
-        Some(EventType::Created | EventType::Updated) => {
-            match required_string(data, "email", "data.email", errors) {
-                Some(email) if !is_valid_email(email) => {
-                    errors.push(error("data.email", "must be a valid email address"));
-                }
-                _ => {}
-            }
-            required_string(data, "firstName", "data.firstName", errors);
-            required_string(data, "lastName", "data.lastName", errors);
-            required_time(data, "createdAt", "data.createdAt", errors);
-            required_time(data, "updatedAt", "data.updatedAt", errors);
-            for field in ["phone", "company", "title"] {
-                optional_string(data, field, errors);
-            }
-        }
-        // A deletion needs only the id; a timestamp, when sent, must still be readable.
-        Some(EventType::Deleted)
-            if data.get("updatedAt").is_some_and(|v| !v.is_null())
-                && rfc3339_field(&Value::Object(data.clone()), "updatedAt").is_none() =>
-        {
-            errors.push(error("data.updatedAt", "must be an RFC 3339 date-time"));
-        }
-        Some(EventType::Deleted) => {}
-        None => {}
-    }
-    contact_id
+    let StrictJson { value, problems } =
+        parse_strict(body).map_err(|e| ValidationError::Json(e.to_string()))?;
+    ContactEvent::parse_after(value, problems).map_err(ValidationError::Fields)
 }
 
 /// Whether `id` could be a stored event or contact id: what validation accepts and the store can
@@ -141,7 +34,7 @@ pub fn is_storable_id(id: &str) -> bool {
 /// `timestamptz` cannot hold much beyond them, so anything else is refused rather than sent.
 pub fn check_time_filter(field: &str, value: Option<DateTime<Utc>>) -> Result<(), FieldError> {
     match value {
-        Some(t) if !(0..=9999).contains(&t.year()) => Err(error(
+        Some(t) if !(0..=9999).contains(&t.year()) => Err(FieldError::new(
             field,
             "must be an RFC 3339 date-time between the years 0000 and 9999",
         )),
@@ -149,95 +42,11 @@ pub fn check_time_filter(field: &str, value: Option<DateTime<Utc>>) -> Result<()
     }
 }
 
-fn error(field: &str, message: &str) -> FieldError {
-    FieldError {
-        field: field.to_owned(),
-        message: message.to_owned(),
-    }
-}
-
-fn required_string<'a>(
-    object: &'a Map<String, Value>,
-    key: &str,
-    path: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<&'a str> {
-    match object.get(key) {
-        None | Some(Value::Null) => errors.push(error(path, "is required")),
-        Some(Value::String(s)) if s.trim().is_empty() => {
-            errors.push(error(path, "must not be empty"))
-        }
-        Some(Value::String(s)) => return Some(s),
-        Some(_) => errors.push(error(path, "must be a string")),
-    }
-    None
-}
-
-fn optional_string(object: &Map<String, Value>, key: &str, errors: &mut Vec<FieldError>) {
-    if let Some(value) = object.get(key)
-        && !(value.is_string() || value.is_null())
-    {
-        errors.push(FieldError {
-            field: format!("data.{key}"),
-            message: "must be a string".into(),
-        });
-    }
-}
-
-fn required_id(
-    object: &Map<String, Value>,
-    key: &str,
-    path: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<String> {
-    let id = required_string(object, key, path, errors)?;
-    if id.len() > MAX_ID_LEN {
-        errors.push(error(path, "must be at most 255 bytes"));
-        return None;
-    }
-    Some(id.to_owned())
-}
-
-fn required_time(
-    object: &Map<String, Value>,
-    key: &str,
-    path: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<DateTime<Utc>> {
-    let value = required_string(object, key, path, errors)?;
-    match DateTime::parse_from_rfc3339(value) {
-        Ok(t) => Some(t.with_timezone(&Utc)),
-        Err(_) => {
-            errors.push(error(path, "must be an RFC 3339 date-time"));
-            None
-        }
-    }
-}
-
-/// A pragmatic address check: one `@`, a non-empty local part, a dotted domain, no spaces.
-fn is_valid_email(email: &str) -> bool {
-    if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return false;
-    }
-    let Some((local, domain)) = email.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && local.len() <= 64
-        && !domain.contains('@')
-        && domain.contains('.')
-        && domain.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use relay::event::{EventType, is_valid_email};
+    use serde_json::{Value, json};
 
     pub(crate) fn seed_example() -> Value {
         json!({

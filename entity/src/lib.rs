@@ -3,6 +3,8 @@ pub mod contact;
 pub mod outbox;
 pub mod webhook_event;
 
+pub use webhook_event::{EventStatus, EventType};
+
 /// Short names for the entities.
 pub mod prelude {
     pub use super::contact::Entity as Contact;

@@ -2,12 +2,79 @@
 use sea_orm::entity::prelude::*;
 use serde::{Deserialize, Serialize};
 
-/// `pending` until the consumer applied it (`processed`) or gave up on it (`failed`).
-pub const STATUS_PENDING: &str = "pending";
-/// The event was applied to `contacts`.
-pub const STATUS_PROCESSED: &str = "processed";
-/// The event could not be applied; `error` says why.
-pub const STATUS_FAILED: &str = "failed";
+// What happened to a contact: a payload's `event`, the `event_type` column, a topic's suffix.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, Serialize, Deserialize,
+)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(64))")]
+#[cfg_attr(feature = "openapi", derive(poem_openapi::Enum))]
+#[cfg_attr(feature = "openapi", oai(rename = "ContactEventType"))]
+/// The type of a contact event.
+pub enum EventType {
+    #[sea_orm(string_value = "contact.created")]
+    #[serde(rename = "contact.created")]
+    #[cfg_attr(feature = "openapi", oai(rename = "contact.created"))]
+    Created,
+    #[sea_orm(string_value = "contact.updated")]
+    #[serde(rename = "contact.updated")]
+    #[cfg_attr(feature = "openapi", oai(rename = "contact.updated"))]
+    Updated,
+    #[sea_orm(string_value = "contact.deleted")]
+    #[serde(rename = "contact.deleted")]
+    #[cfg_attr(feature = "openapi", oai(rename = "contact.deleted"))]
+    Deleted,
+}
+
+impl EventType {
+    /// Every event type, in the order their topics are listed.
+    pub const ALL: [Self; 3] = [Self::Created, Self::Updated, Self::Deleted];
+
+    /// The wire name, e.g. `contact.created` (also the stored value and the topic suffix).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "contact.created",
+            Self::Updated => "contact.updated",
+            Self::Deleted => "contact.deleted",
+        }
+    }
+
+    /// The type named `value`, if any.
+    pub fn parse(value: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == value)
+    }
+}
+
+// `pending` until the consumer applied it (`processed`) or gave up on it (`failed`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, EnumIter, DeriveActiveEnum, Serialize, Deserialize,
+)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::N(16))")]
+#[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(poem_openapi::Enum))]
+#[cfg_attr(feature = "openapi", oai(rename_all = "lowercase"))]
+/// Lifecycle state of an event.
+pub enum EventStatus {
+    // Stored, with its outbox row; not yet applied.
+    #[sea_orm(string_value = "pending")]
+    Pending,
+    // Applied to `contacts`.
+    #[sea_orm(string_value = "processed")]
+    Processed,
+    // Could not be applied; `error` says why.
+    #[sea_orm(string_value = "failed")]
+    Failed,
+}
+
+impl EventStatus {
+    /// The stored value, e.g. `pending`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processed => "processed",
+            Self::Failed => "failed",
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, Deserialize)]
 #[sea_orm(table_name = "webhook_events")]
@@ -16,11 +83,11 @@ pub struct Model {
     pub id: i64,
     #[sea_orm(unique)]
     pub event_id: String,
-    pub event_type: String,
+    pub event_type: EventType,
     pub contact_id: String,
     #[sea_orm(column_type = "JsonBinary")]
     pub payload: Json,
-    pub status: String,
+    pub status: EventStatus,
     /// How many times the consumer tried to apply it.
     pub attempts: i32,
     #[sea_orm(column_type = "Text", nullable)]

@@ -1,36 +1,17 @@
-//! The AcmeCRM event types and the parts of a stored event the pipeline reads.
+//! The AcmeCRM contact event: ONE parser, used by the webhook's validation (every offending
+//! field reported, 400) and by the consumer (an event it cannot read is dead-lettered), so an
+//! event answered 200 is always one the consumer can apply.
 use chrono::{DateTime, Utc};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-/// Every event type, in the order their topics are listed.
-pub const EVENT_TYPES: [&str; 3] = ["contact.created", "contact.updated", "contact.deleted"];
+pub use entity::{EventStatus, EventType};
 
-/// What happened to a contact.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum EventType {
-    Created,
-    Updated,
-    Deleted,
-}
-
-impl EventType {
-    pub fn parse(value: &str) -> Option<Self> {
-        match value {
-            "contact.created" => Some(Self::Created),
-            "contact.updated" => Some(Self::Updated),
-            "contact.deleted" => Some(Self::Deleted),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Created => "contact.created",
-            Self::Updated => "contact.updated",
-            Self::Deleted => "contact.deleted",
-        }
-    }
-}
+/// Every event type's wire name, in the order their topics are listed.
+pub const EVENT_TYPES: [&str; 3] = [
+    EventType::Created.as_str(),
+    EventType::Updated.as_str(),
+    EventType::Deleted.as_str(),
+];
 
 /// Header carrying the event id on every Kafka message.
 pub const HEADER_EVENT_ID: &str = "event-id";
@@ -39,11 +20,238 @@ pub const HEADER_EVENT_TYPE: &str = "event-type";
 /// Header carrying the processing error on dead-lettered messages.
 pub const HEADER_ERROR: &str = "error";
 
+/// Longest event id or contact id we store (the column width).
+pub const MAX_ID_LEN: usize = 255;
+/// RFC 5321 limit on an address.
+const MAX_EMAIL_LEN: usize = 320;
+
+/// One offending field, by JSON path (`data.email`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: &str) -> Self {
+        Self {
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+/// A contact event that passed every check; `payload` is the body as received, unknown fields
+/// included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactEvent {
+    pub event_id: String,
+    pub event_type: EventType,
+    /// The event's `timestamp`.
+    pub timestamp: DateTime<Utc>,
+    /// `data.id`.
+    pub contact_id: String,
+    /// `data.updatedAt`: required for created/updated, optional for a deletion.
+    pub updated_at: Option<DateTime<Utc>>,
+    pub payload: Value,
+}
+
+impl ContactEvent {
+    /// Reads and checks a payload; on failure, every offending field.
+    pub fn parse(payload: Value) -> Result<Self, Vec<FieldError>> {
+        Self::parse_after(payload, Vec::new())
+    }
+
+    /// [`Self::parse`], after `problems` a reader found earlier (listed first).
+    pub fn parse_after(
+        payload: Value,
+        mut errors: Vec<FieldError>,
+    ) -> Result<Self, Vec<FieldError>> {
+        let Some(root) = payload.as_object() else {
+            errors.push(FieldError::new("$", "must be a JSON object"));
+            return Err(errors);
+        };
+        let event_type = match root.get("event") {
+            None | Some(Value::Null) => {
+                errors.push(FieldError::new("event", "is required"));
+                None
+            }
+            Some(value) => {
+                let parsed = value.as_str().and_then(EventType::parse);
+                if parsed.is_none() {
+                    errors.push(FieldError::new(
+                        "event",
+                        "must be one of contact.created, contact.updated, contact.deleted",
+                    ));
+                }
+                parsed
+            }
+        };
+        let event_id = required_id(root, "id", "id", &mut errors);
+        let timestamp = required_time(root, "timestamp", "timestamp", &mut errors);
+        let data = match root.get("data") {
+            Some(Value::Object(data)) => Some(check_data(data, event_type, &mut errors)),
+            None | Some(Value::Null) => {
+                errors.push(FieldError::new("data", "is required"));
+                None
+            }
+            Some(_) => {
+                errors.push(FieldError::new("data", "must be an object"));
+                None
+            }
+        };
+        match (event_type, event_id, timestamp, data) {
+            (
+                Some(event_type),
+                Some(event_id),
+                Some(timestamp),
+                Some((Some(contact_id), updated_at)),
+            ) if errors.is_empty() => Ok(Self {
+                event_id,
+                event_type,
+                timestamp,
+                contact_id,
+                updated_at,
+                payload,
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    /// The `data` object.
+    pub fn data(&self) -> &Value {
+        self.payload.get("data").unwrap_or(&Value::Null)
+    }
+}
+
+/// Checks `data` for the event type; returns the contact id (when valid) and `updatedAt`.
+fn check_data(
+    data: &Map<String, Value>,
+    event_type: Option<EventType>,
+    errors: &mut Vec<FieldError>,
+) -> (Option<String>, Option<DateTime<Utc>>) {
+    let contact_id = required_id(data, "id", "data.id", errors);
+    let mut updated_at = None;
+    match event_type {
+        Some(EventType::Created | EventType::Updated) => {
+            match required_string(data, "email", "data.email", errors) {
+                Some(email) if !is_valid_email(email) => {
+                    errors.push(FieldError::new(
+                        "data.email",
+                        "must be a valid email address",
+                    ));
+                }
+                _ => {}
+            }
+            required_string(data, "firstName", "data.firstName", errors);
+            required_string(data, "lastName", "data.lastName", errors);
+            required_time(data, "createdAt", "data.createdAt", errors);
+            updated_at = required_time(data, "updatedAt", "data.updatedAt", errors);
+            for field in ["phone", "company", "title"] {
+                optional_string(data, field, errors);
+            }
+        }
+        // A deletion needs only the id; a timestamp, when sent, must still be readable.
+        Some(EventType::Deleted) if data.get("updatedAt").is_some_and(|v| !v.is_null()) => {
+            updated_at = data
+                .get("updatedAt")
+                .and_then(Value::as_str)
+                .and_then(rfc3339);
+            if updated_at.is_none() {
+                errors.push(FieldError::new(
+                    "data.updatedAt",
+                    "must be an RFC 3339 date-time",
+                ));
+            }
+        }
+        Some(EventType::Deleted) | None => {}
+    }
+    (contact_id, updated_at)
+}
+
 /// Reads an RFC 3339 string field of a JSON object.
 pub fn rfc3339_field(object: &Value, field: &str) -> Option<DateTime<Utc>> {
-    object
-        .get(field)?
-        .as_str()
-        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+    object.get(field)?.as_str().and_then(rfc3339)
+}
+
+fn rfc3339(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .ok()
         .map(|t| t.with_timezone(&Utc))
+}
+
+fn required_string<'a>(
+    object: &'a Map<String, Value>,
+    key: &str,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'a str> {
+    match object.get(key) {
+        None | Some(Value::Null) => errors.push(FieldError::new(path, "is required")),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            errors.push(FieldError::new(path, "must not be empty"))
+        }
+        Some(Value::String(s)) => return Some(s),
+        Some(_) => errors.push(FieldError::new(path, "must be a string")),
+    }
+    None
+}
+
+fn optional_string(object: &Map<String, Value>, key: &str, errors: &mut Vec<FieldError>) {
+    if let Some(value) = object.get(key)
+        && !(value.is_string() || value.is_null())
+    {
+        errors.push(FieldError {
+            field: format!("data.{key}"),
+            message: "must be a string".into(),
+        });
+    }
+}
+
+fn required_id(
+    object: &Map<String, Value>,
+    key: &str,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    let id = required_string(object, key, path, errors)?;
+    if id.len() > MAX_ID_LEN {
+        errors.push(FieldError::new(path, "must be at most 255 bytes"));
+        return None;
+    }
+    Some(id.to_owned())
+}
+
+fn required_time(
+    object: &Map<String, Value>,
+    key: &str,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<DateTime<Utc>> {
+    let value = required_string(object, key, path, errors)?;
+    let parsed = rfc3339(value);
+    if parsed.is_none() {
+        errors.push(FieldError::new(path, "must be an RFC 3339 date-time"));
+    }
+    parsed
+}
+
+/// A pragmatic address check: one `@`, a non-empty local part, a dotted domain, no spaces.
+pub fn is_valid_email(email: &str) -> bool {
+    if email.len() > MAX_EMAIL_LEN || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return false;
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && local.len() <= 64
+        && !domain.contains('@')
+        && domain.contains('.')
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
 }

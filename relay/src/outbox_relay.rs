@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use entity::{outbox, webhook_event};
+use entity::{EventStatus, outbox};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait,
@@ -252,7 +252,7 @@ pub async fn republish_pending(
                   AND MAX(o.published_at) <= $3) \
              ORDER BY id LIMIT $4",
             [
-                webhook_event::STATUS_PENDING.into(),
+                EventStatus::Pending.as_str().into(),
                 cutoff.into(),
                 cutoff.into(),
                 i64::try_from(limit).unwrap_or(i64::MAX).into(),

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::Utc;
-use entity::webhook_event::{STATUS_FAILED, STATUS_PENDING, STATUS_PROCESSED};
+use entity::EventStatus;
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, Statement, TransactionTrait,
     Value as SqlValue,
@@ -174,8 +174,10 @@ impl EventProcessor {
                 Parsed::Unappliable {
                     event_id: Some(id),
                     reason,
-                } => match statuses.get(id).map(String::as_str) {
-                    Some(STATUS_PENDING) if failed_now.insert(id) => {
+                } => match statuses.get(id) {
+                    Some(status)
+                        if status == EventStatus::Pending.as_str() && failed_now.insert(id) =>
+                    {
                         mark_failed(&txn, id, reason).await?;
                         Err(reason.clone())
                     }
@@ -213,10 +215,10 @@ async fn claim<C: ConnectionTrait>(
     }
     let now = Utc::now();
     let mut values: Vec<SqlValue> = vec![
-        STATUS_PROCESSED.into(),
+        EventStatus::Processed.as_str().into(),
         now.into(),
         now.into(),
-        STATUS_PENDING.into(),
+        EventStatus::Pending.as_str().into(),
     ];
     values.extend(ids.iter().map(|id| SqlValue::from(*id)));
     let sql = format!(
@@ -269,11 +271,11 @@ async fn mark_failed<C: ConnectionTrait>(
         "UPDATE webhook_events SET status = $1, error = $2, updated_at = $3, \
          attempts = attempts + 1 WHERE event_id = $4 AND status = $5",
         [
-            STATUS_FAILED.into(),
+            EventStatus::Failed.as_str().into(),
             error.into(),
             Utc::now().into(),
             event_id.into(),
-            STATUS_PENDING.into(),
+            EventStatus::Pending.as_str().into(),
         ],
     ))
     .await?;

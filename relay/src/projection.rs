@@ -13,18 +13,11 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr, Statement, Value as SqlValue};
 use serde_json::{Value, json};
 
-use crate::event::{EventType, rfc3339_field};
+use crate::event::{ContactEvent, EventType, rfc3339_field};
 
-/// An event as the projection needs it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ContactChange {
-    pub event_id: String,
-    pub event_type: EventType,
-    pub timestamp: DateTime<Utc>,
-    pub contact_id: String,
-    pub data: Value,
-    pub updated_at: Option<DateTime<Utc>>,
-}
+/// An event as the projection reads it: the parsed contact event, the one type the webhook's
+/// validation produces too.
+pub type ContactChange = ContactEvent;
 
 /// Why an event can never be applied (a retry would fail the same way).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -34,47 +27,15 @@ pub struct Unappliable(pub String);
 /// The place of an event in its contact's total order (compared field by field).
 pub type Version = (bool, DateTime<Utc>, DateTime<Utc>, String);
 
-impl ContactChange {
-    /// Reads a stored event payload.
+impl ContactEvent {
+    /// Reads a stored event payload with the webhook's parser.
     pub fn from_payload(payload: &Value) -> Result<Self, Unappliable> {
-        let bad = |what: &str| Unappliable(format!("event payload: {what}"));
-        let event_id = payload
-            .get("id")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("`id` is missing"))?;
-        let event_type = payload
-            .get("event")
-            .and_then(Value::as_str)
-            .and_then(EventType::parse)
-            .ok_or_else(|| bad("`event` is not a contact event type"))?;
-        let timestamp = rfc3339_field(payload, "timestamp")
-            .ok_or_else(|| bad("`timestamp` is not RFC 3339"))?;
-        let data = payload
-            .get("data")
-            .filter(|d| d.is_object())
-            .ok_or_else(|| bad("`data` is not an object"))?;
-        let contact_id = data
-            .get("id")
-            .and_then(Value::as_str)
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| bad("`data.id` is missing"))?;
-        let updated_at = match data.get("updatedAt") {
-            None | Some(Value::Null) => None,
-            Some(_) => Some(
-                rfc3339_field(data, "updatedAt")
-                    .ok_or_else(|| bad("`data.updatedAt` is not RFC 3339"))?,
-            ),
-        };
-        if event_type != EventType::Deleted && updated_at.is_none() {
-            return Err(bad("`data.updatedAt` is required for created/updated"));
-        }
-        Ok(Self {
-            event_id: event_id.to_owned(),
-            event_type,
-            timestamp,
-            contact_id: contact_id.to_owned(),
-            data: data.clone(),
-            updated_at,
+        Self::parse(payload.clone()).map_err(|errors| {
+            let fields: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{} {}", e.field, e.message))
+                .collect();
+            Unappliable(format!("event payload: {}", fields.join("; ")))
         })
     }
 
@@ -94,9 +55,10 @@ impl ContactChange {
 
     /// The `contacts` row this event describes when it is the greatest of its contact.
     pub fn row(&self) -> ContactRow {
+        let data = self.data();
         let text = |field: &str| {
             (!self.is_deletion())
-                .then(|| self.data.get(field).and_then(Value::as_str))
+                .then(|| data.get(field).and_then(Value::as_str))
                 .flatten()
                 .map(str::to_owned)
         };
@@ -111,10 +73,10 @@ impl ContactChange {
             data: if self.is_deletion() {
                 json!({ "id": self.contact_id })
             } else {
-                self.data.clone()
+                data.clone()
             },
             source_created_at: (!self.is_deletion())
-                .then(|| rfc3339_field(&self.data, "createdAt"))
+                .then(|| rfc3339_field(data, "createdAt"))
                 .flatten(),
             source_updated_at: self.updated_at,
             event_timestamp: self.timestamp,
@@ -280,7 +242,10 @@ mod tests {
 
     fn change(event: &str, id: &str, updated_minute: Option<u32>, ts_minute: u32) -> ContactChange {
         let at = |m: u32| format!("2025-05-19T10:{m:02}:00Z");
-        let mut data = json!({ "id": "c1", "email": format!("{id}@example.com") });
+        let mut data = json!({
+            "id": "c1", "email": format!("{id}@example.com"), "firstName": "Jane",
+            "lastName": "Doe", "createdAt": at(0),
+        });
         if let Some(m) = updated_minute {
             data["updatedAt"] = json!(at(m));
         }

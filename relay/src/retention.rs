@@ -21,7 +21,7 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use entity::webhook_event;
+use entity::EventStatus;
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, Statement, TransactionTrait,
 };
@@ -188,7 +188,7 @@ impl Retention {
                     cutoff.into(),
                     cursor.at.into(),
                     cursor.id.into(),
-                    webhook_event::STATUS_PROCESSED.into(),
+                    EventStatus::Processed.as_str().into(),
                     limit.into(),
                 ],
             )
@@ -208,7 +208,7 @@ impl Retention {
                     lock("e")
                 ),
                 [
-                    webhook_event::STATUS_PROCESSED.into(),
+                    EventStatus::Processed.as_str().into(),
                     cutoff.into(),
                     cursor.at.into(),
                     cursor.id.into(),

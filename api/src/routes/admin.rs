@@ -5,13 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use entity::{outbox, webhook_event};
+use entity::{EventStatus, EventType, outbox, webhook_event};
 use poem::Request;
 use poem::web::Data;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
-use poem_openapi::{Enum, Object, OpenApi, SecurityScheme};
+use poem_openapi::{Object, OpenApi, SecurityScheme};
 use relay::config::KafkaConfig;
 use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
@@ -25,7 +25,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, ErrorDetail};
 use crate::ingest::insert_outbox_rows;
 use crate::routes::ApiTags;
-use crate::schema::{EXAMPLE_EVENT_ID, EventTypeSchema};
+use crate::schema::EXAMPLE_EVENT_ID;
 use crate::validation::{check_time_filter, is_storable_id};
 
 pub struct AdminApi;
@@ -51,25 +51,6 @@ async fn check_admin_token(request: &Request, bearer: Bearer) -> poem::Result<()
     }
 }
 
-/// Lifecycle state of an event.
-#[derive(Enum, Debug, Clone, Copy, PartialEq, Eq)]
-#[oai(rename_all = "lowercase")]
-pub enum EventStatus {
-    Pending,
-    Processed,
-    Failed,
-}
-
-impl EventStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => webhook_event::STATUS_PENDING,
-            Self::Processed => webhook_event::STATUS_PROCESSED,
-            Self::Failed => webhook_event::STATUS_FAILED,
-        }
-    }
-}
-
 /// A stored event.
 #[derive(Object, Debug, Clone, serde::Deserialize)]
 #[oai(rename_all = "camelCase")]
@@ -92,9 +73,9 @@ impl From<webhook_event::Model> for EventView {
     fn from(e: webhook_event::Model) -> Self {
         Self {
             event_id: e.event_id,
-            event_type: e.event_type,
+            event_type: e.event_type.as_str().to_owned(),
             contact_id: e.contact_id,
-            status: e.status,
+            status: e.status.as_str().to_owned(),
             attempts: e.attempts,
             error: e.error,
             received_at: e.created_at,
@@ -155,7 +136,7 @@ pub struct RetryResult {
 pub struct RetryFilter {
     /// Only events of this type.
     #[oai(nullable)]
-    pub event_type: Option<EventTypeSchema>,
+    pub event_type: Option<EventType>,
     /// Only events received at or after this time.
     #[oai(nullable)]
     pub since: Option<DateTime<Utc>>,
@@ -240,7 +221,7 @@ impl AdminApi {
         status: Query<Option<EventStatus>>,
         /// Only events of this type.
         #[oai(name = "type")]
-        event_type: Query<Option<EventTypeSchema>>,
+        event_type: Query<Option<EventType>>,
         /// Only events received at or after this time.
         since: Query<Option<DateTime<Utc>>>,
         /// Only events received before this time.
@@ -256,7 +237,7 @@ impl AdminApi {
             .order_by_desc(webhook_event::Column::Id)
             .limit(limit + 1);
         if let Some(status) = status.0 {
-            query = query.filter(webhook_event::Column::Status.eq(status.as_str()));
+            query = query.filter(webhook_event::Column::Status.eq(status));
         }
         query = query.filter(type_and_time(event_type.0, since.0, until.0)?);
         if let Some(before) = cursor.0 {
@@ -330,12 +311,12 @@ impl AdminApi {
         #[oai(example = "example_event_id")] event_id: Path<String>,
     ) -> ApiResult<Json<RetryResult>> {
         let event = find_event(&state.db, &event_id.0).await?;
-        if event.status != webhook_event::STATUS_FAILED {
+        if event.status != EventStatus::Failed {
             return Err(ApiError::conflict(
                 "event_not_failed",
                 format!(
                     "only failed events can be retried; this one is {}",
-                    event.status
+                    event.status.as_str()
                 ),
             ));
         }
@@ -385,7 +366,7 @@ impl AdminApi {
 /// Events of `event_type` (if given) received in `[since, until)` (each bound if given); 400 for
 /// a bound the database cannot represent.
 fn type_and_time(
-    event_type: Option<EventTypeSchema>,
+    event_type: Option<EventType>,
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
 ) -> ApiResult<sea_orm::Condition> {
@@ -405,7 +386,7 @@ fn type_and_time(
         ));
     }
     Ok(sea_orm::Condition::all()
-        .add_option(event_type.map(|t| webhook_event::Column::EventType.eq(t.as_str())))
+        .add_option(event_type.map(|t| webhook_event::Column::EventType.eq(t)))
         .add_option(since.map(|t| webhook_event::Column::CreatedAt.gte(t)))
         .add_option(until.map(|t| webhook_event::Column::CreatedAt.lt(t))))
 }
@@ -437,7 +418,7 @@ async fn requeue_failed(
 ) -> Result<u64, DbErr> {
     let txn = db.begin().await?;
     let mut select = webhook_event::Entity::find()
-        .filter(webhook_event::Column::Status.eq(webhook_event::STATUS_FAILED))
+        .filter(webhook_event::Column::Status.eq(EventStatus::Failed))
         .filter(filter);
     if db.get_database_backend() == DatabaseBackend::Postgres {
         select = select.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
@@ -451,7 +432,7 @@ async fn requeue_failed(
     webhook_event::Entity::update_many()
         .col_expr(
             webhook_event::Column::Status,
-            Expr::value(webhook_event::STATUS_PENDING),
+            Expr::value(EventStatus::Pending.as_str()),
         )
         .col_expr(
             webhook_event::Column::Error,
@@ -537,8 +518,8 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<OutboxSummary, DbErr> {
               ON e.event_id = o.event_id WHERE o.republished > 0 AND e.status = $1) AS republished \
          FROM webhook_events WHERE status = $2",
         [
-            webhook_event::STATUS_PENDING.into(),
-            webhook_event::STATUS_PENDING.into(),
+            EventStatus::Pending.as_str().into(),
+            EventStatus::Pending.as_str().into(),
         ],
     ))
     .one(db)
@@ -636,7 +617,7 @@ pub async fn refresh_backlog_gauges(
 /// How many events are `failed`, waiting for an operator's retry (an index-only count).
 async fn failed_events(db: &DatabaseConnection) -> Result<u64, DbErr> {
     webhook_event::Entity::find()
-        .filter(webhook_event::Column::Status.eq(webhook_event::STATUS_FAILED))
+        .filter(webhook_event::Column::Status.eq(EventStatus::Failed))
         .count(db)
         .await
 }

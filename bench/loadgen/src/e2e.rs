@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use entity::webhook_event::{Column, Entity, STATUS_FAILED, STATUS_PROCESSED};
+use entity::EventStatus;
+use entity::webhook_event::{Column, Entity};
 use sea_orm::{ColumnTrait, Database, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect};
 
 use super::events::EventFactory;
@@ -39,7 +40,7 @@ pub async fn measure(
         // Processed or failed: either way the event will not move on by itself any more.
         let settled = Entity::find()
             .filter(Column::EventId.starts_with(&prefix))
-            .filter(Column::Status.is_in([STATUS_PROCESSED, STATUS_FAILED]))
+            .filter(Column::Status.is_in([EventStatus::Processed, EventStatus::Failed]))
             .count(&db)
             .await
             .context("counting the run's processed events")?;
@@ -53,7 +54,7 @@ pub async fn measure(
         .column(Column::EventId)
         .column(Column::ProcessedAt)
         .filter(Column::EventId.starts_with(&prefix))
-        .filter(Column::Status.eq(STATUS_PROCESSED))
+        .filter(Column::Status.eq(EventStatus::Processed))
         .into_tuple()
         .all(&db)
         .await

@@ -105,10 +105,10 @@ async fn any_order_duplication_and_batching_of_a_contacts_events_gives_the_same_
                     changes.push(ContactChange::from_payload(&body).expect("valid"));
                     webhook_event::Entity::insert(webhook_event::ActiveModel {
                         event_id: Set(event_id.clone()),
-                        event_type: Set(body["event"].as_str().expect("type").to_owned()),
+                        event_type: Set(changes.last().expect("parsed").event_type),
                         contact_id: Set(contact_id.clone()),
                         payload: Set(body.clone()),
-                        status: Set(webhook_event::STATUS_PENDING.to_owned()),
+                        status: Set(entity::EventStatus::Pending),
                         attempts: Set(0),
                         created_at: Set(Utc::now()),
                         updated_at: Set(Utc::now()),
