@@ -10,7 +10,8 @@ use poem_openapi::OpenApiService;
 use relay::bus::Publisher;
 use relay::consumer::{KafkaEventConsumer, LagReporter, run_in_process};
 use relay::kafka::KafkaPublisher;
-use relay::outbox_relay::{OutboxRelay, republish_pending};
+use relay::outbox::republish_pending;
+use relay::outbox_relay::OutboxRelay;
 use relay::processor::EventProcessor;
 use relay::retention::Retention;
 use relay::wakeup::OutboxWakeup;
@@ -327,7 +328,7 @@ impl Service {
             Duration::from_secs(3 * config.metrics.backlog_refresh_secs),
             shutdown.clone(),
         ));
-        tasks.spawn(crate::routes::admin::refresh_backlog_gauges(
+        tasks.spawn(relay::outbox::refresh_backlog_gauges(
             db.clone(),
             relay::EVENT_TYPES
                 .iter()

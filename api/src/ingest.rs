@@ -4,20 +4,12 @@
 //! requests are queued (up to `batch_max`), write them with multi-row statements, commit once,
 //! then answer each request. Nobody is answered before the commit that holds their rows.
 use std::collections::HashSet;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
-use chrono::Utc;
-use entity::{EventStatus, outbox, webhook_event};
 use relay::config::KafkaConfig;
-use relay::event::{HEADER_EVENT_ID, HEADER_EVENT_TYPE};
-use relay::wakeup::{NOTIFY_CHANNEL, OutboxWakeup};
-use sea_orm::sea_query::{OnConflict, Query};
-use sea_orm::{
-    ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityName, Iden, Statement,
-    TransactionTrait,
-};
-use serde::Serialize;
-use serde_json::json;
+use relay::outbox::{self, NewEvent};
+use relay::wakeup::OutboxWakeup;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, TransactionTrait};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::validation::ContactEvent;
@@ -38,14 +30,16 @@ pub async fn store_events<C: ConnectionTrait>(
     kafka: &KafkaConfig,
     events: &[&ContactEvent],
 ) -> Result<Vec<IngestOutcome>, DbErr> {
-    if events.is_empty() {
-        return Ok(Vec::new());
-    }
-    let inserted = if conn.get_database_backend() == DatabaseBackend::Postgres {
-        insert_postgres(conn, kafka, events).await?
-    } else {
-        insert_portable(conn, kafka, events).await?
-    };
+    let new: Vec<NewEvent<'_>> = events
+        .iter()
+        .map(|e| NewEvent {
+            event_id: &e.event_id,
+            event_type: e.event_type,
+            contact_id: &e.contact_id,
+            payload: &e.payload,
+        })
+        .collect();
+    let inserted = outbox::store_events(conn, kafka, &new).await?;
     // The first occurrence of a new id is accepted; any later one in this batch is a duplicate.
     let mut claimed = HashSet::new();
     Ok(events
@@ -58,190 +52,6 @@ pub async fn store_events<C: ConnectionTrait>(
             }
         })
         .collect())
-}
-
-/// The statement of `insert_postgres`: $1 the batch document, $2 the time, $3 the topic prefix
-/// (the topic is `KafkaConfig::topic_for`'s `<prefix>.<event type>`, spelled in SQL).
-static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH batch AS (SELECT * FROM jsonb_to_recordset($1::jsonb) \
-           AS b(event_id text, event_type text, contact_id text, payload jsonb)), \
-         new_events AS (INSERT INTO webhook_events \
-           (event_id, event_type, contact_id, payload, status, created_at, updated_at) \
-           SELECT event_id, event_type, contact_id, payload, '{pending}', $2, $2 \
-           FROM batch ORDER BY event_id \
-           ON CONFLICT (event_id) DO NOTHING \
-           RETURNING event_id, event_type, contact_id, payload) \
-         INSERT INTO outbox (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) \
-         SELECT event_id, $3 || '.' || event_type, contact_id, payload, \
-           jsonb_build_object('{HEADER_EVENT_ID}', event_id, '{HEADER_EVENT_TYPE}', event_type), $2, $2 \
-         FROM new_events ORDER BY event_id RETURNING event_id",
-        pending = EventStatus::Pending.as_str(),
-    )
-});
-
-/// One row of the batch document `insert_postgres` sends.
-#[derive(Serialize)]
-struct BatchRow<'a> {
-    event_id: &'a str,
-    event_type: &'a str,
-    contact_id: &'a str,
-    payload: &'a serde_json::Value,
-}
-
-/// PostgreSQL: ONE statement of a fixed shape, whatever the batch size, so every connection
-/// prepares and plans it once. The batch travels as one JSON document; each event that was new
-/// gets its outbox row copied from it on the server. Rows go in in event-id order, so two
-/// concurrent batches wait for each other's unique-index entries in the same order and cannot
-/// deadlock. Returns the ids that were new.
-async fn insert_postgres<C: ConnectionTrait>(
-    conn: &C,
-    kafka: &KafkaConfig,
-    events: &[&ContactEvent],
-) -> Result<HashSet<String>, DbErr> {
-    let rows: Vec<BatchRow<'_>> = events
-        .iter()
-        .map(|e| BatchRow {
-            event_id: &e.event_id,
-            event_type: e.event_type.as_str(),
-            contact_id: &e.contact_id,
-            payload: &e.payload,
-        })
-        .collect();
-    let batch = serde_json::to_string(&rows).map_err(|e| DbErr::Custom(e.to_string()))?;
-    let inserted = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            DatabaseBackend::Postgres,
-            BATCH_INSERT_SQL.as_str(),
-            [
-                batch.into(),
-                Utc::now().into(),
-                kafka.topic_prefix.clone().into(),
-            ],
-        ))
-        .await?
-        .iter()
-        .map(|row| row.try_get::<String>("", "event_id"))
-        .collect::<Result<HashSet<_>, _>>()?;
-    if !inserted.is_empty() {
-        notify_relays(conn).await?;
-    }
-    Ok(inserted)
-}
-
-/// Any other database (SQLite): a multi-row insert of the events, then of the new ones' outbox
-/// rows. Returns the ids that were new.
-async fn insert_portable<C: ConnectionTrait>(
-    conn: &C,
-    kafka: &KafkaConfig,
-    events: &[&ContactEvent],
-) -> Result<HashSet<String>, DbErr> {
-    let now = Utc::now();
-    let mut order: Vec<usize> = (0..events.len()).collect();
-    order.sort_by(|&a, &b| events[a].event_id.cmp(&events[b].event_id));
-
-    use webhook_event::Column as E;
-    let mut insert = Query::insert();
-    insert
-        .into_table(webhook_event::Entity.table_ref())
-        .columns([
-            E::EventId,
-            E::EventType,
-            E::ContactId,
-            E::Payload,
-            E::Status,
-            E::CreatedAt,
-            E::UpdatedAt,
-        ])
-        .on_conflict(OnConflict::column(E::EventId).do_nothing().to_owned())
-        .returning_col(E::EventId);
-    for &i in &order {
-        let e = events[i];
-        insert.values_panic([
-            e.event_id.clone().into(),
-            e.event_type.as_str().into(),
-            e.contact_id.clone().into(),
-            e.payload.clone().into(),
-            EventStatus::Pending.as_str().into(),
-            now.into(),
-            now.into(),
-        ]);
-    }
-    let inserted: HashSet<String> = conn
-        .query_all(&insert)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<String>("", &E::EventId.to_string()))
-        .collect::<Result<_, _>>()?;
-
-    let mut queued = HashSet::new();
-    let new_rows: Vec<OutboxSource<'_>> = order
-        .iter()
-        .map(|&i| events[i])
-        .filter(|e| inserted.contains(&e.event_id) && queued.insert(e.event_id.as_str()))
-        .map(|e| {
-            (
-                e.event_id.as_str(),
-                e.event_type.as_str(),
-                e.contact_id.as_str(),
-                &e.payload,
-            )
-        })
-        .collect();
-    insert_outbox_rows(conn, kafka, &new_rows).await?;
-    Ok(inserted)
-}
-
-/// What an outbox row is made from: event id, event type, contact id, payload.
-pub type OutboxSource<'a> = (&'a str, &'a str, &'a str, &'a serde_json::Value);
-
-/// Inserts one outbox row per event and, on Postgres, notifies the relays (delivered at commit).
-pub async fn insert_outbox_rows<C: ConnectionTrait>(
-    conn: &C,
-    kafka: &KafkaConfig,
-    rows: &[OutboxSource<'_>],
-) -> Result<(), DbErr> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    use outbox::Column as O;
-    let now = Utc::now();
-    let mut insert = Query::insert();
-    insert.into_table(outbox::Entity.table_ref()).columns([
-        O::EventId,
-        O::Topic,
-        O::MessageKey,
-        O::Payload,
-        O::Headers,
-        O::CreatedAt,
-        O::NextAttemptAt,
-    ]);
-    for &(event_id, event_type, contact_id, payload) in rows {
-        let headers = json!({ HEADER_EVENT_ID: event_id, HEADER_EVENT_TYPE: event_type });
-        insert.values_panic([
-            event_id.into(),
-            kafka.topic_for(event_type).into(),
-            contact_id.into(),
-            payload.clone().into(),
-            headers.into(),
-            now.into(),
-            now.into(),
-        ]);
-    }
-    conn.execute(&insert).await?;
-    notify_relays(conn).await
-}
-
-/// On Postgres, wakes the relays: the notification is delivered when the transaction commits.
-async fn notify_relays<C: ConnectionTrait>(conn: &C) -> Result<(), DbErr> {
-    if conn.get_database_backend() == DatabaseBackend::Postgres {
-        conn.execute_raw(Statement::from_string(
-            DatabaseBackend::Postgres,
-            format!("NOTIFY {NOTIFY_CHANNEL}"),
-        ))
-        .await?;
-    }
-    Ok(())
 }
 
 /// Stores `events` in one transaction and commits.

@@ -5,6 +5,7 @@ pub mod config;
 pub mod consumer;
 pub mod event;
 pub mod kafka;
+pub mod outbox;
 pub mod outbox_relay;
 pub mod partitions;
 pub mod processor;

@@ -5,7 +5,7 @@
 //! Kept, whatever their age:
 //! - outbox rows not yet published (the relay's work);
 //! - outbox rows of an event that is not `processed`: the re-publish safety net
-//!   ([`crate::outbox_relay::republish_pending`]) reads the newest row of every pending event,
+//!   ([`crate::outbox::republish_pending`]) reads the newest row of every pending event,
 //!   and a failed event's rows are its publish history until an operator retries it;
 //! - events that are `pending` or `failed`: a retry or a dead-letter redrive re-publishes the
 //!   stored payload;
@@ -28,6 +28,7 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
+use crate::outbox::{self, PruneCursor};
 
 /// First key of the pruners' advisory lock (two-int form): "acmr".
 const RETENTION_LOCK_CLASS: i32 = 0x6163_6d72;
@@ -59,24 +60,9 @@ pub struct Retention {
 
 enum Batch {
     /// Rows deleted, and the cursor after the last of them.
-    Deleted(u64, Cursor),
+    Deleted(u64, PruneCursor),
     /// Another process holds the pruners' lock.
     Busy,
-}
-
-/// Where the next batch of a run starts: after the last row the previous batch deleted, so a
-/// batch never walks the index entries of rows deleted before it.
-#[derive(Clone, Copy)]
-struct Cursor {
-    at: DateTime<Utc>,
-    id: i64,
-}
-
-impl Cursor {
-    const START: Self = Self {
-        at: DateTime::UNIX_EPOCH,
-        id: 0,
-    };
 }
 
 impl Retention {
@@ -96,7 +82,7 @@ impl Retention {
                 } else {
                     self.config.processed_events()
                 };
-            let mut cursor = Cursor::START;
+            let mut cursor = PruneCursor::START;
             loop {
                 if shutdown.is_cancelled() {
                     report.interrupted = true;
@@ -133,7 +119,7 @@ impl Retention {
         &self,
         table: &str,
         cutoff: DateTime<Utc>,
-        cursor: Cursor,
+        cursor: PruneCursor,
     ) -> Result<Batch, DbErr> {
         let backend = self.db.get_database_backend();
         let postgres = backend == DatabaseBackend::Postgres;
@@ -154,79 +140,44 @@ impl Retention {
                 return Ok(Batch::Busy);
             }
         }
+        if table == OUTBOX_TABLE {
+            let (deleted, next) =
+                outbox::prune_published(&txn, cutoff, cursor, self.config.batch_size).await?;
+            txn.commit().await?;
+            return Ok(Batch::Deleted(deleted, next));
+        }
         // SQLite (embedded mode) has one writer and no row locks: the same statement without them.
-        let lock = |alias: &str| {
-            if postgres {
-                format!("FOR UPDATE OF {alias} SKIP LOCKED")
-            } else {
-                String::new()
-            }
+        let lock = if postgres {
+            "FOR UPDATE OF e SKIP LOCKED"
+        } else {
+            ""
         };
         let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
-        // `$n` placeholders are understood by both PostgreSQL and SQLite.
-        let statement = if table == OUTBOX_TABLE {
-            // Ordered by the partial index on published_at; `id` breaks ties for the cursor.
-            // The event's status is a scalar subquery (one unique-index lookup per row): as
-            // `NOT EXISTS (... status <> 'processed')` PostgreSQL read every event for the
-            // anti-join (0.5 s a batch at a million events). A row whose event is gone counts
-            // as processed.
-            Statement::from_sql_and_values(
-                backend,
-                format!(
-                    "WITH doomed AS ( \
-                       SELECT o.id FROM outbox o \
-                       WHERE o.published_at IS NOT NULL AND o.published_at < $1 \
-                         AND (o.published_at, o.id) > ($2, $3) \
-                         AND COALESCE((SELECT e.status FROM webhook_events e \
-                           WHERE e.event_id = o.event_id), $4) = $4 \
-                       ORDER BY o.published_at, o.id LIMIT $5 {}) \
-                     DELETE FROM outbox WHERE id IN (SELECT id FROM doomed) \
-                     RETURNING published_at, id",
-                    lock("o")
-                ),
-                [
-                    cutoff.into(),
-                    cursor.at.into(),
-                    cursor.id.into(),
-                    EventStatus::Processed.as_str().into(),
-                    limit.into(),
-                ],
-            )
-        } else {
-            // Ordered by the index (status, created_at, id).
-            Statement::from_sql_and_values(
-                backend,
-                format!(
-                    "WITH doomed AS ( \
-                       SELECT e.id FROM webhook_events e \
-                       WHERE e.status = $1 AND e.created_at < $2 AND e.processed_at < $2 \
-                         AND (e.created_at, e.id) > ($3, $4) \
-                         AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.event_id) \
-                       ORDER BY e.created_at, e.id LIMIT $5 {}) \
-                     DELETE FROM webhook_events WHERE id IN (SELECT id FROM doomed) \
-                     RETURNING created_at, id",
-                    lock("e")
-                ),
-                [
-                    EventStatus::Processed.as_str().into(),
-                    cutoff.into(),
-                    cursor.at.into(),
-                    cursor.id.into(),
-                    limit.into(),
-                ],
-            )
-        };
+        // Ordered by the index (status, created_at, id); `$n` placeholders are understood by
+        // both PostgreSQL and SQLite.
+        let statement = Statement::from_sql_and_values(
+            backend,
+            format!(
+                "WITH doomed AS ( \
+                   SELECT e.id FROM webhook_events e \
+                   WHERE e.status = $1 AND e.created_at < $2 AND e.processed_at < $2 \
+                     AND (e.created_at, e.id) > ($3, $4) \
+                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.event_id) \
+                   ORDER BY e.created_at, e.id LIMIT $5 {lock}) \
+                 DELETE FROM webhook_events WHERE id IN (SELECT id FROM doomed) \
+                 RETURNING created_at, id"
+            ),
+            [
+                EventStatus::Processed.as_str().into(),
+                cutoff.into(),
+                cursor.at.into(),
+                cursor.id.into(),
+                limit.into(),
+            ],
+        );
         let rows = txn.query_all_raw(statement).await?;
         txn.commit().await?;
-        let mut next = cursor;
-        for row in &rows {
-            let at: DateTime<Utc> = row.try_get_by_index(0)?;
-            let id: i64 = row.try_get_by_index(1)?;
-            if (at, id) > (next.at, next.id) {
-                next = Cursor { at, id };
-            }
-        }
-        Ok(Batch::Deleted(rows.len() as u64, next))
+        Ok(Batch::Deleted(rows.len() as u64, cursor.after(&rows)?))
     }
 
     /// Prunes every `interval_secs` until `shutdown`. The first run starts at once.

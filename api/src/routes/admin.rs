@@ -1,29 +1,22 @@
 //! Admin API (`/api/admin/...`): find events, re-run failed ones, watch the outbox backlog.
 //! Exists only when `admin.token` is configured; otherwise every admin route answers 404.
-use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use entity::{EventStatus, EventType, outbox, webhook_event};
+use entity::{EventStatus, EventType, webhook_event};
 use poem::Request;
 use poem::web::Data;
 use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, SecurityScheme};
-use relay::config::KafkaConfig;
-use sea_orm::sea_query::{Expr, LockBehavior, LockType};
 use sea_orm::{
-    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
+    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
 };
 use subtle::ConstantTimeEq;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, ErrorDetail};
-use crate::ingest::insert_outbox_rows;
 use crate::routes::ApiTags;
 use crate::schema::EXAMPLE_EVENT_ID;
 use crate::validation::{check_time_filter, is_storable_id};
@@ -269,10 +262,7 @@ impl AdminApi {
         #[oai(example = "example_event_id")] event_id: Path<String>,
     ) -> ApiResult<Json<EventDetail>> {
         let event = find_event(&state.db, &event_id.0).await?;
-        let outbox = outbox::Entity::find()
-            .filter(outbox::Column::EventId.eq(&event.event_id))
-            .order_by_asc(outbox::Column::Id)
-            .all(&state.db)
+        let outbox = relay::outbox::rows_of_event(&state.db, &event.event_id)
             .await
             .map_err(db_error)?
             .into_iter()
@@ -321,7 +311,7 @@ impl AdminApi {
             ));
         }
         let filter = webhook_event::Column::EventId.eq(event.event_id.clone());
-        let requeued = requeue_failed(&state.db, &state.config.kafka, filter)
+        let requeued = relay::outbox::requeue_failed(&state.db, &state.config.kafka, filter)
             .await
             .map_err(db_error)?;
         Ok(Json(RetryResult { requeued }))
@@ -340,7 +330,7 @@ impl AdminApi {
         filter: Json<RetryFilter>,
     ) -> ApiResult<Json<RetryResult>> {
         let condition = type_and_time(filter.event_type, filter.since, filter.until)?;
-        let requeued = requeue_failed(&state.db, &state.config.kafka, condition)
+        let requeued = relay::outbox::requeue_failed(&state.db, &state.config.kafka, condition)
             .await
             .map_err(db_error)?;
         Ok(Json(RetryResult { requeued }))
@@ -359,7 +349,8 @@ impl AdminApi {
         _auth: AdminToken,
         state: Data<&Arc<AppState>>,
     ) -> ApiResult<Json<OutboxSummary>> {
-        backlog(&state.db).await.map(Json).map_err(db_error)
+        let backlog = relay::outbox::backlog(&state.db).await.map_err(db_error)?;
+        Ok(Json(backlog.into()))
     }
 }
 
@@ -409,222 +400,36 @@ async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhoo
         .ok_or_else(|| ApiError::not_found(format!("no event with id {event_id}")))
 }
 
-/// Sets the matching failed events back to `pending` and gives each a new outbox row, in one
-/// transaction.
-async fn requeue_failed(
-    db: &DatabaseConnection,
-    kafka: &KafkaConfig,
-    filter: impl sea_orm::sea_query::IntoCondition,
-) -> Result<u64, DbErr> {
-    let txn = db.begin().await?;
-    let mut select = webhook_event::Entity::find()
-        .filter(webhook_event::Column::Status.eq(EventStatus::Failed))
-        .filter(filter);
-    if db.get_database_backend() == DatabaseBackend::Postgres {
-        select = select.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
-    }
-    let events = select.all(&txn).await?;
-    if events.is_empty() {
-        txn.commit().await?;
-        return Ok(0);
-    }
-    let now = Utc::now();
-    webhook_event::Entity::update_many()
-        .col_expr(
-            webhook_event::Column::Status,
-            Expr::value(EventStatus::Pending.as_str()),
-        )
-        .col_expr(
-            webhook_event::Column::Error,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
-        .filter(webhook_event::Column::Id.is_in(events.iter().map(|e| e.id)))
-        .exec(&txn)
-        .await?;
-    let rows: Vec<_> = events
-        .iter()
-        .map(|e| {
-            (
-                e.event_id.as_str(),
-                e.event_type.as_str(),
-                e.contact_id.as_str(),
-                &e.payload,
-            )
-        })
-        .collect();
-    insert_outbox_rows(&txn, kafka, &rows).await?;
-    txn.commit().await?;
-    tracing::info!(requeued = events.len(), "failed events re-queued");
-    Ok(events.len() as u64)
-}
-
-#[derive(FromQueryResult)]
-struct UnprocessedRow {
-    unprocessed: i64,
-    oldest: Option<DateTime<Utc>>,
-    republished: i64,
-}
-
-#[derive(FromQueryResult)]
-struct BacklogRow {
-    topic: String,
-    pending: i64,
-    parked: i64,
-    oldest_claimable: Option<DateTime<Utc>>,
-}
-
-/// Current outbox backlog, per topic. Reads only unpublished rows (a partial index).
-pub async fn backlog(db: &DatabaseConnection) -> Result<OutboxSummary, DbErr> {
-    let now = Utc::now();
-    let backend = db.get_database_backend();
-    let placeholder = if backend == DatabaseBackend::Postgres {
-        "$1"
-    } else {
-        "?"
-    };
-    let sql = format!(
-        "SELECT topic, COUNT(*) AS pending, \
-                CAST(SUM(CASE WHEN next_attempt_at > {placeholder} THEN 1 ELSE 0 END) AS BIGINT) AS parked, \
-                MIN(CASE WHEN next_attempt_at <= {placeholder} THEN created_at END) AS oldest_claimable \
-         FROM outbox WHERE published_at IS NULL GROUP BY topic ORDER BY topic"
-    );
-    let values: Vec<sea_orm::Value> = if backend == DatabaseBackend::Postgres {
-        vec![now.into()]
-    } else {
-        vec![now.into(), now.into()]
-    };
-    let rows = BacklogRow::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
-        .all(db)
-        .await?;
-    let age = |t: Option<DateTime<Utc>>| {
-        t.map_or(0.0, |t| {
-            ((now - t).num_milliseconds().max(0) as f64) / 1000.0
-        })
-    };
-    let topics: Vec<TopicBacklog> = rows
-        .into_iter()
-        .map(|r| TopicBacklog {
-            topic: r.topic,
-            pending: r.pending,
-            parked: r.parked,
-            oldest_claimable_age_secs: age(r.oldest_claimable),
-        })
-        .collect();
-    let unprocessed = UnprocessedRow::find_by_statement(Statement::from_sql_and_values(
-        backend,
-        "SELECT COUNT(*) AS unprocessed, MIN(created_at) AS oldest, \
-           (SELECT COUNT(DISTINCT o.event_id) FROM outbox o JOIN webhook_events e \
-              ON e.event_id = o.event_id WHERE o.republished > 0 AND e.status = $1) AS republished \
-         FROM webhook_events WHERE status = $2",
-        [
-            EventStatus::Pending.as_str().into(),
-            EventStatus::Pending.as_str().into(),
-        ],
-    ))
-    .one(db)
-    .await?;
-    let partitions = if backend == DatabaseBackend::Postgres {
-        relay::partitions::partition_states(db)
-            .await?
-            .into_iter()
-            .map(|p| PartitionView {
-                lag: p.lag(),
-                topic: p.topic,
-                partition: p.partition,
-                next_offset: p.next_offset,
-                owned: p.owned,
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    Ok(OutboxSummary {
-        unprocessed: unprocessed.as_ref().map_or(0, |u| u.unprocessed),
-        oldest_unprocessed_age_secs: age(unprocessed.as_ref().and_then(|u| u.oldest)),
-        republished_pending: unprocessed.as_ref().map_or(0, |u| u.republished),
-        partitions,
-        pending: topics.iter().map(|t| t.pending).sum(),
-        parked: topics.iter().map(|t| t.parked).sum(),
-        oldest_claimable_age_secs: topics
-            .iter()
-            .map(|t| t.oldest_claimable_age_secs)
-            .fold(0.0, f64::max),
-        topics,
-    })
-}
-
-/// Keeps the `outbox_*` gauges current, so a scrape never queries the database. The per-topic
-/// gauges of `topics` exist from the start (at 0), not only once a backlog was seen.
-pub async fn refresh_backlog_gauges(
-    db: DatabaseConnection,
-    topics: Vec<String>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut seen = BTreeSet::<String>::from_iter(topics);
-    while !shutdown.is_cancelled() {
-        match backlog(&db).await {
-            Ok(summary) => {
-                // Topics that drained disappear from the query; report them as empty.
-                for topic in &seen {
-                    if !summary.topics.iter().any(|t| &t.topic == topic) {
-                        set_gauges(topic, 0, 0, 0.0);
-                    }
-                }
-                for t in &summary.topics {
-                    seen.insert(t.topic.clone());
-                    set_gauges(&t.topic, t.pending, t.parked, t.oldest_claimable_age_secs);
-                }
-                metrics::gauge!("outbox_pending_total").set(summary.pending as f64);
-                metrics::gauge!("events_unprocessed").set(summary.unprocessed as f64);
-                metrics::gauge!("events_oldest_unprocessed_age_seconds")
-                    .set(summary.oldest_unprocessed_age_secs);
-                metrics::gauge!("events_republished_pending")
-                    .set(summary.republished_pending as f64);
-                metrics::gauge!("consumer_partitions_unowned")
-                    .set(summary.partitions.iter().filter(|p| !p.owned).count() as f64);
-                for p in &summary.partitions {
-                    let labels = [
-                        ("topic", p.topic.clone()),
-                        ("partition", p.partition.to_string()),
-                    ];
-                    metrics::gauge!("consumer_partition_owned", &labels).set(if p.owned {
-                        1.0
-                    } else {
-                        0.0
-                    });
-                    if let Some(lag) = p.lag {
-                        metrics::gauge!("consumer_lag", &labels).set(lag as f64);
-                    }
-                }
-                metrics::gauge!("outbox_oldest_claimable_age_seconds_max")
-                    .set(summary.oldest_claimable_age_secs);
-            }
-            Err(error) => tracing::warn!(%error, "outbox backlog query failed"),
-        }
-        match failed_events(&db).await {
-            Ok(failed) => metrics::gauge!("events_failed").set(failed as f64),
-            Err(error) => tracing::warn!(%error, "failed events query failed"),
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = tokio::time::sleep(every) => {}
+impl From<relay::outbox::Backlog> for OutboxSummary {
+    fn from(b: relay::outbox::Backlog) -> Self {
+        Self {
+            pending: b.pending,
+            parked: b.parked,
+            oldest_claimable_age_secs: b.oldest_claimable_age_secs,
+            topics: b
+                .topics
+                .into_iter()
+                .map(|t| TopicBacklog {
+                    topic: t.topic,
+                    pending: t.pending,
+                    parked: t.parked,
+                    oldest_claimable_age_secs: t.oldest_claimable_age_secs,
+                })
+                .collect(),
+            unprocessed: b.unprocessed,
+            oldest_unprocessed_age_secs: b.oldest_unprocessed_age_secs,
+            republished_pending: b.republished_pending,
+            partitions: b
+                .partitions
+                .into_iter()
+                .map(|p| PartitionView {
+                    lag: p.lag(),
+                    topic: p.topic,
+                    partition: p.partition,
+                    next_offset: p.next_offset,
+                    owned: p.owned,
+                })
+                .collect(),
         }
     }
-}
-
-/// How many events are `failed`, waiting for an operator's retry (an index-only count).
-async fn failed_events(db: &DatabaseConnection) -> Result<u64, DbErr> {
-    webhook_event::Entity::find()
-        .filter(webhook_event::Column::Status.eq(EventStatus::Failed))
-        .count(db)
-        .await
-}
-
-fn set_gauges(topic: &str, pending: i64, parked: i64, oldest: f64) {
-    let topic = topic.to_owned();
-    metrics::gauge!("outbox_pending", "topic" => topic.clone()).set(pending as f64);
-    metrics::gauge!("outbox_parked", "topic" => topic.clone()).set(parked as f64);
-    metrics::gauge!("outbox_oldest_claimable_age_seconds", "topic" => topic).set(oldest);
 }

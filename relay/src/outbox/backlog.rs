@@ -1,0 +1,203 @@
+//! What is waiting: the outbox backlog per topic, acknowledged events not yet processed, the
+//! consumer group's partitions; and the loop that keeps their gauges current.
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use entity::{EventStatus, webhook_event};
+use sea_orm::{
+    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
+    PaginatorTrait, QueryFilter, Statement,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::partitions::{PartitionState, partition_states};
+
+/// Unpublished outbox rows of one topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopicBacklog {
+    pub topic: String,
+    /// Unpublished rows.
+    pub pending: i64,
+    /// Of those, rows waiting out a retry backoff.
+    pub parked: i64,
+    /// Age in seconds of the oldest row that could be published now (0 if none).
+    pub oldest_claimable_age_secs: f64,
+}
+
+/// The backlog, computed now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backlog {
+    pub pending: i64,
+    pub parked: i64,
+    pub oldest_claimable_age_secs: f64,
+    pub topics: Vec<TopicBacklog>,
+    /// Acknowledged events not yet processed (published or not): the golden signal.
+    pub unprocessed: i64,
+    /// Age of the oldest of them, in seconds (0 when there is none).
+    pub oldest_unprocessed_age_secs: f64,
+    /// Events still pending that the relay's safety net has published again at least once.
+    pub republished_pending: i64,
+    /// Every partition of the consumer group (PostgreSQL only: ownership lives there).
+    pub partitions: Vec<PartitionState>,
+}
+
+#[derive(FromQueryResult)]
+struct UnprocessedRow {
+    unprocessed: i64,
+    oldest: Option<DateTime<Utc>>,
+    republished: i64,
+}
+
+#[derive(FromQueryResult)]
+struct BacklogRow {
+    topic: String,
+    pending: i64,
+    parked: i64,
+    oldest_claimable: Option<DateTime<Utc>>,
+}
+
+/// Current outbox backlog, per topic. Reads only unpublished rows (a partial index).
+pub async fn backlog(db: &DatabaseConnection) -> Result<Backlog, DbErr> {
+    let now = Utc::now();
+    let backend = db.get_database_backend();
+    let placeholder = if backend == DatabaseBackend::Postgres {
+        "$1"
+    } else {
+        "?"
+    };
+    let sql = format!(
+        "SELECT topic, COUNT(*) AS pending, \
+                CAST(SUM(CASE WHEN next_attempt_at > {placeholder} THEN 1 ELSE 0 END) AS BIGINT) AS parked, \
+                MIN(CASE WHEN next_attempt_at <= {placeholder} THEN created_at END) AS oldest_claimable \
+         FROM outbox WHERE published_at IS NULL GROUP BY topic ORDER BY topic"
+    );
+    let values: Vec<sea_orm::Value> = if backend == DatabaseBackend::Postgres {
+        vec![now.into()]
+    } else {
+        vec![now.into(), now.into()]
+    };
+    let rows = BacklogRow::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
+        .all(db)
+        .await?;
+    let age = |t: Option<DateTime<Utc>>| {
+        t.map_or(0.0, |t| {
+            ((now - t).num_milliseconds().max(0) as f64) / 1000.0
+        })
+    };
+    let topics: Vec<TopicBacklog> = rows
+        .into_iter()
+        .map(|r| TopicBacklog {
+            topic: r.topic,
+            pending: r.pending,
+            parked: r.parked,
+            oldest_claimable_age_secs: age(r.oldest_claimable),
+        })
+        .collect();
+    let unprocessed = UnprocessedRow::find_by_statement(Statement::from_sql_and_values(
+        backend,
+        "SELECT COUNT(*) AS unprocessed, MIN(created_at) AS oldest, \
+           (SELECT COUNT(DISTINCT o.event_id) FROM outbox o JOIN webhook_events e \
+              ON e.event_id = o.event_id WHERE o.republished > 0 AND e.status = $1) AS republished \
+         FROM webhook_events WHERE status = $2",
+        [
+            EventStatus::Pending.as_str().into(),
+            EventStatus::Pending.as_str().into(),
+        ],
+    ))
+    .one(db)
+    .await?;
+    let partitions = if backend == DatabaseBackend::Postgres {
+        partition_states(db).await?
+    } else {
+        Vec::new()
+    };
+    Ok(Backlog {
+        unprocessed: unprocessed.as_ref().map_or(0, |u| u.unprocessed),
+        oldest_unprocessed_age_secs: age(unprocessed.as_ref().and_then(|u| u.oldest)),
+        republished_pending: unprocessed.as_ref().map_or(0, |u| u.republished),
+        partitions,
+        pending: topics.iter().map(|t| t.pending).sum(),
+        parked: topics.iter().map(|t| t.parked).sum(),
+        oldest_claimable_age_secs: topics
+            .iter()
+            .map(|t| t.oldest_claimable_age_secs)
+            .fold(0.0, f64::max),
+        topics,
+    })
+}
+
+/// How many events are `failed`, waiting for an operator's retry (an index-only count).
+pub async fn failed_events(db: &DatabaseConnection) -> Result<u64, DbErr> {
+    webhook_event::Entity::find()
+        .filter(webhook_event::Column::Status.eq(EventStatus::Failed))
+        .count(db)
+        .await
+}
+
+/// Keeps the `outbox_*`, `events_*` and partition gauges current, so a scrape never queries the
+/// database. The per-topic gauges of `topics` exist from the start (at 0), not only once a
+/// backlog was seen.
+pub async fn refresh_backlog_gauges(
+    db: DatabaseConnection,
+    topics: Vec<String>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut seen = BTreeSet::<String>::from_iter(topics);
+    while !shutdown.is_cancelled() {
+        match backlog(&db).await {
+            Ok(summary) => {
+                // Topics that drained disappear from the query; report them as empty.
+                for topic in &seen {
+                    if !summary.topics.iter().any(|t| &t.topic == topic) {
+                        set_topic_gauges(topic, 0, 0, 0.0);
+                    }
+                }
+                for t in &summary.topics {
+                    seen.insert(t.topic.clone());
+                    set_topic_gauges(&t.topic, t.pending, t.parked, t.oldest_claimable_age_secs);
+                }
+                set_gauges(&summary);
+            }
+            Err(error) => tracing::warn!(%error, "outbox backlog query failed"),
+        }
+        match failed_events(&db).await {
+            Ok(failed) => metrics::gauge!("events_failed").set(failed as f64),
+            Err(error) => tracing::warn!(%error, "failed events query failed"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+fn set_gauges(summary: &Backlog) {
+    metrics::gauge!("outbox_pending_total").set(summary.pending as f64);
+    metrics::gauge!("events_unprocessed").set(summary.unprocessed as f64);
+    metrics::gauge!("events_oldest_unprocessed_age_seconds")
+        .set(summary.oldest_unprocessed_age_secs);
+    metrics::gauge!("events_republished_pending").set(summary.republished_pending as f64);
+    metrics::gauge!("consumer_partitions_unowned")
+        .set(summary.partitions.iter().filter(|p| !p.owned).count() as f64);
+    for p in &summary.partitions {
+        let labels = [
+            ("topic", p.topic.clone()),
+            ("partition", p.partition.to_string()),
+        ];
+        metrics::gauge!("consumer_partition_owned", &labels).set(if p.owned { 1.0 } else { 0.0 });
+        if let Some(lag) = p.lag() {
+            metrics::gauge!("consumer_lag", &labels).set(lag as f64);
+        }
+    }
+    metrics::gauge!("outbox_oldest_claimable_age_seconds_max")
+        .set(summary.oldest_claimable_age_secs);
+}
+
+fn set_topic_gauges(topic: &str, pending: i64, parked: i64, oldest: f64) {
+    let topic = topic.to_owned();
+    metrics::gauge!("outbox_pending", "topic" => topic.clone()).set(pending as f64);
+    metrics::gauge!("outbox_parked", "topic" => topic.clone()).set(parked as f64);
+    metrics::gauge!("outbox_oldest_claimable_age_seconds", "topic" => topic).set(oldest);
+}
