@@ -4,7 +4,28 @@ use poem::{IntoResponse, Response};
 use poem_openapi::payload::Json;
 use poem_openapi::{ApiResponse, Object};
 
-use crate::validation::FieldError;
+use crate::ingest::IngestError;
+use crate::signature::SignatureError;
+use crate::timestamp::TimestampError;
+use crate::validation::{FieldError, ValidationError};
+
+/// The `code` of every error answer: the value a client sees, and the `reason` label under
+/// which a refused webhook is counted (`webhook_rejections_total`).
+pub mod code {
+    pub const SIGNATURE_INVALID: &str = "signature_invalid";
+    pub const TIMESTAMP_INVALID: &str = "timestamp_invalid";
+    pub const IP_FORBIDDEN: &str = "ip_forbidden";
+    pub const PAYLOAD_INVALID: &str = "payload_invalid";
+    pub const PAYLOAD_TOO_LARGE: &str = "payload_too_large";
+    pub const UNSUPPORTED_MEDIA_TYPE: &str = "unsupported_media_type";
+    pub const REQUEST_TIMEOUT: &str = "request_timeout";
+    pub const FILTER_INVALID: &str = "filter_invalid";
+    pub const EVENT_NOT_FAILED: &str = "event_not_failed";
+    pub const NOT_FOUND: &str = "not_found";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const INTERNAL_ERROR: &str = "internal_error";
+}
 
 /// The body of every error response.
 #[derive(Object, Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,14 +115,14 @@ impl ApiError {
         Self::Forbidden(body(code, message))
     }
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::NotFound(body("not_found", message))
+        Self::NotFound(body(code::NOT_FOUND, message))
     }
     pub fn conflict(code: &str, message: impl Into<String>) -> Self {
         Self::Conflict(body(code, message))
     }
     pub fn request_timeout(timeout: std::time::Duration) -> Self {
         Self::RequestTimeout(body(
-            "request_timeout",
+            code::REQUEST_TIMEOUT,
             format!(
                 "the request body did not arrive within {} s",
                 timeout.as_secs()
@@ -110,27 +131,42 @@ impl ApiError {
     }
     pub fn payload_too_large(limit: usize) -> Self {
         Self::PayloadTooLarge(body(
-            "payload_too_large",
+            code::PAYLOAD_TOO_LARGE,
             format!("the body is larger than the {limit} bytes accepted"),
         ))
     }
     pub fn unsupported_media_type() -> Self {
         Self::UnsupportedMediaType(body(
-            "unsupported_media_type",
+            code::UNSUPPORTED_MEDIA_TYPE,
             "the body must be sent with Content-Type: application/json",
         ))
     }
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::Unavailable(body("unavailable", message))
+        Self::Unavailable(body(code::UNAVAILABLE, message))
     }
 
     /// Logs `error` with its context and answers a bare 500.
     pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Self {
         tracing::error!(error = %error, "{context}");
         Self::Internal(body(
-            "internal_error",
+            code::INTERNAL_ERROR,
             "internal error; the request may be retried",
         ))
+    }
+
+    /// The `code` of the answer.
+    pub fn code(&self) -> &str {
+        let (Self::BadRequest(body)
+        | Self::Unauthorized(body)
+        | Self::Forbidden(body)
+        | Self::NotFound(body)
+        | Self::RequestTimeout(body)
+        | Self::Conflict(body)
+        | Self::PayloadTooLarge(body)
+        | Self::UnsupportedMediaType(body)
+        | Self::Internal(body)
+        | Self::Unavailable(body)) = self;
+        &body.code
     }
 
     /// Converts errors raised outside our handlers (poem's parsers, routing) into our shape.
@@ -143,12 +179,14 @@ impl ApiError {
         let api_error = match status {
             StatusCode::PAYLOAD_TOO_LARGE => match err.downcast_ref::<BodyTooLarge>() {
                 Some(too_large) => Self::payload_too_large(too_large.limit),
-                None => Self::PayloadTooLarge(body("payload_too_large", "the body is too large")),
+                None => {
+                    Self::PayloadTooLarge(body(code::PAYLOAD_TOO_LARGE, "the body is too large"))
+                }
             },
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::unsupported_media_type(),
             StatusCode::NOT_FOUND => Self::not_found("no such route"),
             StatusCode::UNAUTHORIZED => {
-                Self::unauthorized("unauthorized", "missing or invalid credentials")
+                Self::unauthorized(code::UNAUTHORIZED, "missing or invalid credentials")
             }
             status if status.is_server_error() => Self::internal("request failed", &err),
             status => {
@@ -161,6 +199,47 @@ impl ApiError {
             }
         };
         api_error.into_response()
+    }
+}
+
+impl From<SignatureError> for ApiError {
+    fn from(error: SignatureError) -> Self {
+        Self::unauthorized(code::SIGNATURE_INVALID, error.to_string())
+    }
+}
+
+impl From<TimestampError> for ApiError {
+    fn from(error: TimestampError) -> Self {
+        Self::unauthorized(code::TIMESTAMP_INVALID, error.to_string())
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(error: ValidationError) -> Self {
+        match error {
+            ValidationError::Json(message) => Self::bad_request(
+                code::PAYLOAD_INVALID,
+                format!("the body is not valid JSON: {message}"),
+                vec![],
+            ),
+            ValidationError::Fields(errors) => Self::bad_request(
+                code::PAYLOAD_INVALID,
+                "the body is not a valid contact event",
+                errors.into_iter().map(ErrorDetail::from).collect(),
+            ),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> Self {
+        Self::internal("storing the webhook failed", &error)
+    }
+}
+
+impl From<sea_orm::DbErr> for ApiError {
+    fn from(error: sea_orm::DbErr) -> Self {
+        Self::internal("database query failed", &error)
     }
 }
 

@@ -70,7 +70,7 @@ pub async fn ingest_batch(
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum IngestError {
     #[error("database error: {0}")]
-    Database(String),
+    Database(Arc<DbErr>),
     #[error("the ingest writer is shutting down")]
     ShuttingDown,
 }
@@ -182,13 +182,14 @@ impl WriterTask {
                     let _ = reply.send(
                         outcome
                             .map(|o| o[0])
-                            .map_err(|e| IngestError::Database(e.to_string())),
+                            .map_err(|e| IngestError::Database(Arc::new(e))),
                     );
                 }
             }
             Err(error) => {
+                let error = Arc::new(error);
                 for (_, reply) in batch {
-                    let _ = reply.send(Err(IngestError::Database(error.to_string())));
+                    let _ = reply.send(Err(IngestError::Database(error.clone())));
                 }
             }
         }

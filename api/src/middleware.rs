@@ -10,7 +10,7 @@ use poem::http::{HeaderValue, StatusCode, header};
 use poem::{Body, Endpoint, IntoResponse, Request, Response};
 use tracing::Instrument;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, code};
 
 /// Header carrying the request id, honoured when the client sends one.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -30,14 +30,14 @@ pub async fn observe<E: Endpoint>(next: E, request: Request) -> poem::Result<Res
         Err(error) => ApiError::from_poem(error),
     };
     if is_webhook {
-        let reason = match response.status() {
-            StatusCode::PAYLOAD_TOO_LARGE => Some("payload_too_large"),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => Some("unsupported_media_type"),
-            StatusCode::REQUEST_TIMEOUT => Some("request_timeout"),
+        let refused = match response.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => Some(code::PAYLOAD_TOO_LARGE),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Some(code::UNSUPPORTED_MEDIA_TYPE),
+            StatusCode::REQUEST_TIMEOUT => Some(code::REQUEST_TIMEOUT),
             _ => None,
         };
-        if let Some(reason) = reason {
-            crate::routes::webhooks::count_rejection(reason);
+        if let Some(code) = refused {
+            crate::telemetry::count_rejection(code);
         }
     }
     if let Ok(value) = HeaderValue::from_str(&request_id) {

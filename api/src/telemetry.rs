@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::app::Roles;
 use crate::config::{LogConfig, LogFormat};
+use crate::error::code;
 
 /// Installs the tracing subscriber; a second call (tests start many services) is a no-op.
 pub fn init_tracing(config: &LogConfig) {
@@ -106,7 +107,7 @@ pub fn register_metrics(roles: Roles) {
         for outcome in ["accepted", "duplicate", "rejected", "error"] {
             metrics::counter!("webhook_requests_total", "outcome" => outcome).increment(0);
         }
-        for reason in ["signature_invalid", "timestamp_out_of_window"] {
+        for reason in [code::SIGNATURE_INVALID, code::TIMESTAMP_INVALID] {
             metrics::counter!("webhook_rejections_total", "reason" => reason).increment(0);
         }
     }
@@ -165,4 +166,36 @@ pub fn register_metrics(roles: Roles) {
             metrics::counter!(counter).increment(0);
         }
     }
+}
+
+/// How a webhook request ended, as counted by `webhook_requests_total{outcome}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    /// Acknowledged, not stored again (also counted as a rejection, reason `duplicate`).
+    Duplicate,
+    /// Refused before it was stored (see [`count_rejection`]).
+    Rejected,
+    /// Storing it failed (500).
+    Error,
+}
+
+/// Counts one webhook request by how it ended.
+pub fn count_outcome(outcome: Outcome) {
+    let label = match outcome {
+        Outcome::Accepted => "accepted",
+        Outcome::Duplicate => "duplicate",
+        Outcome::Rejected => "rejected",
+        Outcome::Error => "error",
+    };
+    metrics::counter!("webhook_requests_total", "outcome" => label).increment(1);
+    if outcome == Outcome::Duplicate {
+        metrics::counter!("webhook_rejections_total", "reason" => "duplicate").increment(1);
+    }
+}
+
+/// Counts one refused webhook under `code`, the code of the error answer it got.
+pub fn count_rejection(code: &str) {
+    count_outcome(Outcome::Rejected);
+    metrics::counter!("webhook_rejections_total", "reason" => code.to_owned()).increment(1);
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use entity::outbox;
 use tokio::sync::mpsc;
 
+use crate::error::PublishError;
 use crate::kafka::KafkaPublisher;
 
 /// One message as the consumer sees it, whichever bus carried it.
@@ -50,17 +51,13 @@ pub enum Publisher {
 impl Publisher {
     /// Publishes every message and reports, per message and in order, whether it was delivered
     /// (for Kafka: acknowledged by all in-sync replicas).
-    pub async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), String>> {
+    pub async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), PublishError>> {
         match self {
             Self::Kafka(kafka) => kafka.publish(messages).await,
             // A full channel is a failed delivery: the row stays in the outbox and is retried.
             Self::InProcess(sender) => messages
                 .iter()
-                .map(|m| {
-                    sender
-                        .try_send(m.clone())
-                        .map_err(|e| format!("in-process bus: {e}"))
-                })
+                .map(|m| sender.try_send(m.clone()).map_err(PublishError::from))
                 .collect(),
         }
     }

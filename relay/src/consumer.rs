@@ -58,7 +58,9 @@ where
                 let outcomes = std::mem::take(&mut batch.outcomes);
                 for (message, outcome) in messages.iter().zip(&outcomes) {
                     if let Err(reason) = outcome
-                        && dead_letter(message.clone(), reason.clone()).await.is_none()
+                        && dead_letter(message.clone(), reason.to_string())
+                            .await
+                            .is_none()
                     {
                         return BatchEnd::Shutdown; // rolls back: redelivered after the restart
                     }

@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::bus::BusMessage;
 use crate::config::KafkaConfig;
+use crate::error::PublishError;
 use crate::event::HEADER_EVENT_ID;
 
 /// Base settings shared by every client: brokers, then the pass-through properties.
@@ -134,7 +135,7 @@ impl KafkaPublisher {
     }
 
     /// Sends every message and waits for every delivery report.
-    pub async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), String>> {
+    pub async fn publish(&self, messages: &[BusMessage]) -> Vec<Result<(), PublishError>> {
         let producer = self.current();
         let deliveries = messages.iter().map(|message| {
             let mut headers = OwnedHeaders::new_with_capacity(message.headers.len());
@@ -167,10 +168,10 @@ impl KafkaPublisher {
             }
             .instrument(span)
         });
-        let reports: Vec<Result<(), String>> = futures::future::join_all(deliveries)
+        let reports: Vec<Result<(), PublishError>> = futures::future::join_all(deliveries)
             .await
             .into_iter()
-            .map(|delivery| delivery.map(|_| ()).map_err(|(error, _)| error.to_string()))
+            .map(|delivery| delivery.map(|_| ()).map_err(|(error, _)| error.into()))
             .collect();
         if reports.iter().all(Result::is_err) || producer.client().fatal_error().is_some() {
             self.replace(&producer).await;

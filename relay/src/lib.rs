@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod config;
 pub mod consumer;
+pub mod error;
 pub mod event;
 pub mod kafka;
 pub mod outbox;

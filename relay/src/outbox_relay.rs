@@ -86,7 +86,7 @@ impl OutboxRelay {
                     );
                     tracing::warn!(event_id = %row.event_id, %error, attempts = row.attempts + 1,
                         retry_in_ms = delay.as_millis() as u64, "publish failed");
-                    outbox::mark_failed(&txn, row.id, &error, delay).await?;
+                    outbox::mark_failed(&txn, row.id, &error.to_string(), delay).await?;
                 }
             }
         }

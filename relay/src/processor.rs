@@ -13,6 +13,7 @@ use sea_orm::{
 use serde_json::Value;
 
 use crate::bus::BusMessage;
+use crate::error::Unappliable;
 use crate::event::HEADER_EVENT_ID;
 use crate::partitions::{Fenced, OffsetCommit};
 use crate::projection::{self, Applied, ContactChange, placeholders};
@@ -28,7 +29,7 @@ pub enum Handled {
 
 /// The outcome of one message: handled, or a reason it can never be applied (the event is marked
 /// `failed` with it; dead-letter the message).
-pub type Outcome = Result<Handled, String>;
+pub type Outcome = Result<Handled, Unappliable>;
 
 /// Why a batch was not applied; nothing of it was written.
 #[derive(Debug, thiserror::Error)]
@@ -47,8 +48,8 @@ pub enum ProcessError {
     #[error(transparent)]
     Batch(#[from] BatchError),
     /// Will never succeed: dead-letter it.
-    #[error("{0}")]
-    Permanent(String),
+    #[error(transparent)]
+    Permanent(#[from] Unappliable),
 }
 
 /// A batch applied inside a still open transaction: publish its dead letters, then `commit`.
@@ -75,7 +76,7 @@ enum Parsed {
     Change(ContactChange),
     Unappliable {
         event_id: Option<String>,
-        reason: String,
+        reason: Unappliable,
     },
 }
 
@@ -85,7 +86,7 @@ fn parse(message: &BusMessage) -> Parsed {
         Err(error) => {
             return Parsed::Unappliable {
                 event_id: message.header(HEADER_EVENT_ID).map(str::to_owned),
-                reason: format!("payload is not JSON: {error}"),
+                reason: Unappliable::NotJson(error.to_string()),
             };
         }
     };
@@ -96,7 +97,7 @@ fn parse(message: &BusMessage) -> Parsed {
                 .header(HEADER_EVENT_ID)
                 .or_else(|| payload.get("id").and_then(Value::as_str))
                 .map(str::to_owned),
-            reason: unappliable.0,
+            reason: unappliable,
         },
     }
 }
@@ -113,7 +114,7 @@ impl EventProcessor {
             .await?;
         let outcome = batch.outcomes.pop().unwrap_or(Ok(Handled::AlreadyDone));
         batch.commit().await.map_err(BatchError::from)?;
-        outcome.map_err(ProcessError::Permanent)
+        Ok(outcome?)
     }
 
     /// Applies `messages` in one transaction and leaves it open (see [`AppliedBatch`]). Messages
@@ -153,7 +154,7 @@ impl EventProcessor {
         let mut first_claim: BTreeSet<&str> = BTreeSet::new();
         let mut failed_now: BTreeSet<&str> = BTreeSet::new();
         let mut to_apply: Vec<&ContactChange> = Vec::new();
-        let mut decided: Vec<Result<Option<&str>, String>> = Vec::with_capacity(parsed.len());
+        let mut decided: Vec<Result<Option<&str>, Unappliable>> = Vec::with_capacity(parsed.len());
         for p in &parsed {
             decided.push(match p {
                 Parsed::Change(change) if claimed.contains(&change.event_id) => {
@@ -166,11 +167,9 @@ impl EventProcessor {
                 }
                 Parsed::Change(change) => match statuses.get(&change.event_id) {
                     Some(_) => Ok(None),
-                    None => Err(unknown_event(&change.event_id)),
+                    None => Err(Unappliable::UnknownEvent(change.event_id.clone())),
                 },
-                Parsed::Unappliable { event_id: None, .. } => {
-                    Err("message carries no event id".to_owned())
-                }
+                Parsed::Unappliable { event_id: None, .. } => Err(Unappliable::NoEventId),
                 Parsed::Unappliable {
                     event_id: Some(id),
                     reason,
@@ -178,11 +177,11 @@ impl EventProcessor {
                     Some(status)
                         if status == EventStatus::Pending.as_str() && failed_now.insert(id) =>
                     {
-                        mark_failed(&txn, id, reason).await?;
+                        mark_failed(&txn, id, &reason.to_string()).await?;
                         Err(reason.clone())
                     }
                     Some(_) => Ok(None),
-                    None => Err(unknown_event(id)),
+                    None => Err(Unappliable::UnknownEvent(id.clone())),
                 },
             });
         }
@@ -280,8 +279,4 @@ async fn mark_failed<C: ConnectionTrait>(
     ))
     .await?;
     Ok(())
-}
-
-fn unknown_event(event_id: &str) -> String {
-    format!("unknown event id {event_id}")
 }

@@ -13,16 +13,12 @@ use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DbErr, Statement, Value as SqlValue};
 use serde_json::{Value, json};
 
+use crate::error::Unappliable;
 use crate::event::{ContactEvent, EventType, rfc3339_field};
 
 /// An event as the projection reads it: the parsed contact event, the one type the webhook's
 /// validation produces too.
 pub type ContactChange = ContactEvent;
-
-/// Why an event can never be applied (a retry would fail the same way).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct Unappliable(pub String);
 
 /// The place of an event in its contact's total order (compared field by field).
 pub type Version = (bool, DateTime<Utc>, DateTime<Utc>, String);
@@ -35,7 +31,7 @@ impl ContactEvent {
                 .iter()
                 .map(|e| format!("{} {}", e.field, e.message))
                 .collect();
-            Unappliable(format!("event payload: {}", fields.join("; ")))
+            Unappliable::Payload(fields.join("; "))
         })
     }
 

@@ -10,13 +10,11 @@ use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, SecurityScheme};
-use sea_orm::{
-    ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-};
+use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult, ErrorDetail};
+use crate::error::{ApiError, ApiResult, ErrorDetail, code};
 use crate::routes::ApiTags;
 use crate::schema::EXAMPLE_EVENT_ID;
 use crate::validation::{check_time_filter, is_storable_id};
@@ -190,10 +188,6 @@ pub struct PartitionView {
 
 const DEFAULT_PAGE: u64 = 50;
 
-fn db_error(e: DbErr) -> ApiError {
-    ApiError::internal("admin query failed", &e)
-}
-
 #[OpenApi(tag = "ApiTags::Admin")]
 impl AdminApi {
     /// List events
@@ -236,7 +230,7 @@ impl AdminApi {
         if let Some(before) = cursor.0 {
             query = query.filter(webhook_event::Column::Id.lt(before));
         }
-        let mut rows = query.all(&state.db).await.map_err(db_error)?;
+        let mut rows = query.all(&state.db).await?;
         let next_cursor = if rows.len() as u64 > limit {
             rows.truncate(limit as usize);
             rows.last().map(|r| r.id.to_string())
@@ -263,8 +257,7 @@ impl AdminApi {
     ) -> ApiResult<Json<EventDetail>> {
         let event = find_event(&state.db, &event_id.0).await?;
         let outbox = relay::outbox::rows_of_event(&state.db, &event.event_id)
-            .await
-            .map_err(db_error)?
+            .await?
             .into_iter()
             .map(|o| OutboxView {
                 topic: o.topic,
@@ -303,7 +296,7 @@ impl AdminApi {
         let event = find_event(&state.db, &event_id.0).await?;
         if event.status != EventStatus::Failed {
             return Err(ApiError::conflict(
-                "event_not_failed",
+                code::EVENT_NOT_FAILED,
                 format!(
                     "only failed events can be retried; this one is {}",
                     event.status.as_str()
@@ -311,9 +304,8 @@ impl AdminApi {
             ));
         }
         let filter = webhook_event::Column::EventId.eq(event.event_id.clone());
-        let requeued = relay::outbox::requeue_failed(&state.db, &state.config.kafka, filter)
-            .await
-            .map_err(db_error)?;
+        let requeued =
+            relay::outbox::requeue_failed(&state.db, &state.config.kafka, filter).await?;
         Ok(Json(RetryResult { requeued }))
     }
 
@@ -330,9 +322,8 @@ impl AdminApi {
         filter: Json<RetryFilter>,
     ) -> ApiResult<Json<RetryResult>> {
         let condition = type_and_time(filter.event_type, filter.since, filter.until)?;
-        let requeued = relay::outbox::requeue_failed(&state.db, &state.config.kafka, condition)
-            .await
-            .map_err(db_error)?;
+        let requeued =
+            relay::outbox::requeue_failed(&state.db, &state.config.kafka, condition).await?;
         Ok(Json(RetryResult { requeued }))
     }
 
@@ -349,7 +340,7 @@ impl AdminApi {
         _auth: AdminToken,
         state: Data<&Arc<AppState>>,
     ) -> ApiResult<Json<OutboxSummary>> {
-        let backlog = relay::outbox::backlog(&state.db).await.map_err(db_error)?;
+        let backlog = relay::outbox::backlog(&state.db).await?;
         Ok(Json(backlog.into()))
     }
 }
@@ -371,7 +362,7 @@ fn type_and_time(
     .collect();
     if !errors.is_empty() {
         return Err(ApiError::bad_request(
-            "filter_invalid",
+            code::FILTER_INVALID,
             "the filter cannot match any event",
             errors,
         ));
@@ -395,8 +386,7 @@ async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhoo
     webhook_event::Entity::find()
         .filter(webhook_event::Column::EventId.eq(event_id))
         .one(db)
-        .await
-        .map_err(db_error)?
+        .await?
         .ok_or_else(|| ApiError::not_found(format!("no event with id {event_id}")))
 }
 

@@ -96,8 +96,7 @@ impl ContactsApi {
         }
         let found = contact::Entity::find_by_id(id.0.clone())
             .one(&state.db)
-            .await
-            .map_err(|e| ApiError::internal("reading a contact failed", &e))?;
+            .await?;
         found
             .map(|c| Json(c.into()))
             .ok_or_else(|| ApiError::not_found(format!("no contact with id {}", id.0)))

@@ -14,13 +14,14 @@ use poem_openapi::{ApiResponse, OpenApi};
 use tracing::Instrument;
 
 use crate::app::AppState;
-use crate::error::{ApiError, ApiResult, ErrorDetail};
+use crate::error::{ApiError, ApiResult, code};
 use crate::ingest::IngestOutcome;
 use crate::raw_body::RawJsonBody;
 use crate::routes::ApiTags;
 use crate::schema::{AckStatus, WebhookAck};
+use crate::telemetry::{self, Outcome};
 use crate::timestamp::check_freshness;
-use crate::validation::{ValidationError, validate_event};
+use crate::validation::validate_event;
 
 pub struct WebhookApi;
 
@@ -72,16 +73,10 @@ impl ParseFromParameter for RequiredHeader {
     }
 }
 
-/// Counts one refused webhook by its (bounded) reason.
-pub fn count_rejection(reason: &'static str) {
-    metrics::counter!("webhook_requests_total", "outcome" => "rejected").increment(1);
-    metrics::counter!("webhook_rejections_total", "reason" => reason).increment(1);
-}
-
-/// Counts a rejection by its reason and passes the error on.
-fn reject(reason: &'static str, error: ApiError) -> ApiError {
-    count_rejection(reason);
-    tracing::info!(reason, "webhook rejected");
+/// `error`, counted as a refused webhook under its code.
+fn rejected(error: impl Into<ApiError>) -> ApiError {
+    let error = error.into();
+    telemetry::count_rejection(error.code());
     error
 }
 
@@ -127,19 +122,12 @@ impl WebhookApi {
     ) -> ApiResult<WebhookResponse> {
         let started = Instant::now();
         let body = body.0;
-        if let Err(error) = state.verifier.verify(signature.0.0.as_deref(), &body) {
-            return Err(reject(
-                "signature_invalid",
-                ApiError::unauthorized("signature_invalid", error.to_string()),
-            ));
-        }
+        state
+            .verifier
+            .verify(signature.0.0.as_deref(), &body)
+            .map_err(rejected)?;
         let tolerance = state.config.webhook.timestamp_tolerance_secs;
-        if let Err(error) = check_freshness(timestamp.0.0.as_deref(), Utc::now(), tolerance) {
-            return Err(reject(
-                "timestamp_out_of_window",
-                ApiError::unauthorized("timestamp_invalid", error.to_string()),
-            ));
-        }
+        check_freshness(timestamp.0.0.as_deref(), Utc::now(), tolerance).map_err(rejected)?;
         if state.ip_policy.is_enabled() {
             let peer = request.remote_addr().as_socket_addr().map(|a| a.ip());
             let forwarded_for = request.header("X-Forwarded-For");
@@ -149,30 +137,13 @@ impl WebhookApi {
                     .allows(state.ip_policy.client_ip(peer, forwarded_for))
             });
             if !allowed {
-                return Err(reject(
-                    "ip_forbidden",
-                    ApiError::forbidden(
-                        "ip_forbidden",
-                        "the client address is not allowed to post webhooks",
-                    ),
-                ));
+                return Err(rejected(ApiError::forbidden(
+                    code::IP_FORBIDDEN,
+                    "the client address is not allowed to post webhooks",
+                )));
             }
         }
-        let event = validate_event(&body).map_err(|error| {
-            let api_error = match error {
-                ValidationError::Json(message) => ApiError::bad_request(
-                    "payload_invalid",
-                    format!("the body is not valid JSON: {message}"),
-                    vec![],
-                ),
-                ValidationError::Fields(errors) => ApiError::bad_request(
-                    "payload_invalid",
-                    "the body is not a valid contact event",
-                    errors.into_iter().map(ErrorDetail::from).collect(),
-                ),
-            };
-            reject("payload_invalid", api_error)
-        })?;
+        let event = validate_event(&body).map_err(rejected)?;
 
         let event_id = event.event_id.clone();
         let span = tracing::info_span!("ingest", event_id = %event_id, event_type = event.event_type.as_str());
@@ -182,20 +153,19 @@ impl WebhookApi {
             .instrument(span.clone())
             .await
             .map_err(|error| {
-                metrics::counter!("webhook_requests_total", "outcome" => "error").increment(1);
-                ApiError::internal("storing the webhook failed", &error)
+                telemetry::count_outcome(Outcome::Error);
+                ApiError::from(error)
             })?;
         metrics::histogram!("webhook_ingest_seconds").record(started.elapsed().as_secs_f64());
         let _in_span = span.enter(); // no await below: the outcome is logged with the event id
         let status = match outcome {
             IngestOutcome::Accepted => {
-                metrics::counter!("webhook_requests_total", "outcome" => "accepted").increment(1);
+                telemetry::count_outcome(Outcome::Accepted);
                 tracing::info!("webhook accepted");
                 AckStatus::Accepted
             }
             IngestOutcome::Duplicate => {
-                metrics::counter!("webhook_requests_total", "outcome" => "duplicate").increment(1);
-                metrics::counter!("webhook_rejections_total", "reason" => "duplicate").increment(1);
+                telemetry::count_outcome(Outcome::Duplicate);
                 tracing::info!("duplicate webhook acknowledged");
                 AckStatus::Duplicate
             }
