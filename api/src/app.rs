@@ -7,16 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
-use relay::bus::Publisher;
-use relay::consumer::{KafkaEventConsumer, LagReporter, run_in_process};
-use relay::kafka::KafkaPublisher;
-use relay::outbox::republish_pending;
-use relay::outbox_relay::OutboxRelay;
-use relay::processor::EventProcessor;
-use relay::retention::Retention;
+use relay::bus;
+use relay::consumer::LagReporter;
+use relay::roles::{self, RelaySettings};
 use relay::wakeup::OutboxWakeup;
 use sea_orm::DatabaseConnection;
-use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -177,166 +172,31 @@ impl Service {
         if config.database.auto_migrate {
             db::migrate(&db).await.context("migrating the database")?;
         }
-        let embedded_bus = config.kafka.brokers.is_none();
-        if embedded_bus && roles.relay != roles.consumer {
-            anyhow::bail!(
-                "the in-process bus needs the relay and the consumer in one process; \
-                 set kafka.brokers to run `relay` or `consume` apart"
-            );
-        }
-        if !embedded_bus && config.kafka.create_topics && (roles.relay || roles.consumer) {
-            relay::kafka::ensure_topics(&config.kafka)
-                .await
-                .context("creating Kafka topics")?;
-        }
-
+        let (sink, source) = bus::new_pair(&config.kafka, roles.relay, roles.consumer).await?;
         let wakeup = OutboxWakeup::default();
-        let (in_process_tx, in_process_rx) = mpsc::channel(10_000);
         if roles.relay {
-            let publisher = if embedded_bus {
-                // The in-process bus forgot its queue when the process stopped.
-                let requeued = republish_pending(
-                    &db,
-                    Duration::ZERO,
-                    "re-published: the in-process bus lost its queue at restart",
-                    u64::MAX,
-                )
-                .await?;
-                if requeued > 0 {
-                    tracing::info!(requeued, "re-queued pending events for the in-process bus");
-                }
-                Publisher::InProcess(in_process_tx)
-            } else {
-                Publisher::Kafka(
-                    KafkaPublisher::connect(&config.kafka)
-                        .await
-                        .context("creating the Kafka producer")?,
-                )
+            let settings = RelaySettings {
+                kafka: config.kafka.clone(),
+                relay: config.relay.clone(),
+                retention: config.retention.clone(),
             };
-            let mut relay = OutboxRelay::new(db.clone(), publisher, config.relay.clone());
-            if !embedded_bus && config.kafka.create_topics {
-                relay = relay.recreate_topics_after_failures(config.kafka.clone());
-            }
-            // Several loops overlap one batch's database work with another's delivery wait;
-            // SKIP LOCKED keeps their batches apart.
-            for _ in 1..config.relay.workers {
-                tasks.spawn(relay.another_loop().run(wakeup.clone(), shutdown.clone()));
-            }
-            tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
-            if config.retention.enabled {
-                tasks.spawn(
-                    Retention::new(db.clone(), config.retention.clone()).run(shutdown.clone()),
-                );
-            }
+            roles::spawn_relay(&mut tasks, &db, settings, sink, &wakeup, &shutdown).await?;
         }
-        let mut consumer_health = None;
-        if roles.consumer {
-            if embedded_bus {
-                tasks.spawn(run_in_process(
-                    EventProcessor::new(db.clone()),
-                    in_process_rx,
-                    config.consumer.clone(),
-                    shutdown.clone(),
-                ));
-            } else {
-                if db.get_database_backend() != sea_orm::DatabaseBackend::Postgres {
-                    anyhow::bail!(
-                        "consuming from Kafka needs PostgreSQL (database.url): partition \
-                         ownership and offsets are kept there"
-                    );
-                }
-                let mut members = Vec::with_capacity(config.consumer.members);
-                for _ in 0..config.consumer.members {
-                    members.push(
-                        KafkaEventConsumer::connect(
-                            db.clone(),
-                            config.kafka.clone(),
-                            config.consumer.clone(),
-                        )
-                        .await
-                        .context("creating the Kafka consumer")?,
-                    );
-                }
-                let lag = KafkaEventConsumer::lag_reporter(&members);
-                consumer_health = Some(lag.clone());
-                let interval = Duration::from_secs(config.metrics.backlog_refresh_secs);
-                let stop = shutdown.clone();
-                tasks.spawn(async move {
-                    while !stop.is_cancelled() {
-                        lag.report().await;
-                        tokio::select! { () = stop.cancelled() => {}, () = tokio::time::sleep(interval) => {} }
-                    }
-                });
-                for member in members {
-                    tasks.spawn(member.run(shutdown.clone()));
-                }
-            }
-        }
-
-        let mut secrets = Vec::new();
+        let consumer = if roles.consumer {
+            let lag_every = config.metrics.backlog_refresh();
+            let settings = config.consumer.clone();
+            roles::spawn_consumer(&mut tasks, &db, settings, source, lag_every, &shutdown).await?
+        } else {
+            None
+        };
         let ops = Arc::new(OpsState {
             config: config.clone(),
             db: db.clone(),
-            consumer: consumer_health,
+            consumer,
         });
-        let ops_for_gauges = ops.clone();
-        let app = if roles.http {
-            secrets = dev::resolve_secrets(&config)?;
-            let state = Arc::new(AppState {
-                config: config.clone(),
-                db: db.clone(),
-                verifier: SignatureVerifier::new(secrets.iter().map(Secret::expose)),
-                ip_policy: IpPolicy::new(
-                    config.webhook.allowed_ips.clone(),
-                    config.webhook.trusted_proxies.clone(),
-                ),
-                writer: IngestWriter::spawn(
-                    db.clone(),
-                    config.kafka.clone(),
-                    wakeup.clone(),
-                    GroupCommit {
-                        batch_max: config.ingest.batch_max,
-                        writers: config.ingest.writers,
-                    },
-                ),
-            });
-            http_app(state, ops).map_to_response().boxed()
-        } else {
-            ops_app(ops).map_to_response().boxed()
-        };
-        let http_addr = {
-            let listener = match listener {
-                Some(listener) => listener,
-                None => std::net::TcpListener::bind(config.http.bind)
-                    .with_context(|| format!("binding http.bind = {}", config.http.bind))?,
-            };
-            listener.set_nonblocking(true)?;
-            let listener = tokio::net::TcpListener::from_std(listener)?;
-            let http_addr = Some(listener.local_addr()?);
-            let limits = HttpLimits::from_config(&config.http);
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                if let Err(error) = http_server::serve(listener, app, limits, stop).await {
-                    tracing::error!(%error, "HTTP server failed");
-                }
-            });
-            http_addr
-        };
-        // A readiness probe opens a Kafka client of its own: less often than the backlog query.
-        tasks.spawn(crate::routes::health::refresh_readiness_gauge(
-            ops_for_gauges,
-            Duration::from_secs(3 * config.metrics.backlog_refresh_secs),
-            shutdown.clone(),
-        ));
-        tasks.spawn(relay::outbox::refresh_backlog_gauges(
-            db.clone(),
-            relay::EVENT_TYPES
-                .iter()
-                .map(|t| config.kafka.topic_for(t))
-                .collect(),
-            Duration::from_secs(config.metrics.backlog_refresh_secs),
-            shutdown.clone(),
-        ));
+        let (http_addr, secrets) =
+            spawn_http(&mut tasks, roles, ops.clone(), wakeup, listener, &shutdown)?;
+        spawn_gauges(&mut tasks, ops, &shutdown);
         Ok(Self {
             http_addr,
             secrets,
@@ -367,6 +227,82 @@ impl Service {
         }
         self.stop().await;
     }
+}
+
+/// Serves HTTP on `listener` (else `http.bind`): the whole API when `roles.http` (with the
+/// group-commit writers behind it), otherwise the operations endpoints alone. Returns the
+/// address and the webhook secrets in force.
+fn spawn_http(
+    tasks: &mut JoinSet<()>,
+    roles: Roles,
+    ops: Arc<OpsState>,
+    wakeup: OutboxWakeup,
+    listener: Option<std::net::TcpListener>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(Option<SocketAddr>, Vec<Secret>)> {
+    let config = ops.config.clone();
+    let mut secrets = Vec::new();
+    let app = if roles.http {
+        secrets = dev::resolve_secrets(&config)?;
+        let state = Arc::new(AppState {
+            config: config.clone(),
+            db: ops.db.clone(),
+            verifier: SignatureVerifier::new(secrets.iter().map(Secret::expose)),
+            ip_policy: IpPolicy::new(
+                config.webhook.allowed_ips.clone(),
+                config.webhook.trusted_proxies.clone(),
+            ),
+            writer: IngestWriter::spawn(
+                ops.db.clone(),
+                config.kafka.clone(),
+                wakeup,
+                GroupCommit {
+                    batch_max: config.ingest.batch_max,
+                    writers: config.ingest.writers,
+                },
+            ),
+        });
+        http_app(state, ops).map_to_response().boxed()
+    } else {
+        ops_app(ops).map_to_response().boxed()
+    };
+    let listener = match listener {
+        Some(listener) => listener,
+        None => std::net::TcpListener::bind(config.http.bind)
+            .with_context(|| format!("binding http.bind = {}", config.http.bind))?,
+    };
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let http_addr = Some(listener.local_addr()?);
+    let limits = HttpLimits::from_config(&config.http);
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(error) = http_server::serve(listener, app, limits, stop).await {
+            tracing::error!(%error, "HTTP server failed");
+        }
+    });
+    Ok((http_addr, secrets))
+}
+
+/// Keeps the gauges every role exports current: readiness, and the backlog from the database.
+fn spawn_gauges(tasks: &mut JoinSet<()>, ops: Arc<OpsState>, shutdown: &CancellationToken) {
+    let every = ops.config.metrics.backlog_refresh();
+    let topics = relay::EVENT_TYPES
+        .iter()
+        .map(|t| ops.config.kafka.topic_for(t))
+        .collect();
+    tasks.spawn(relay::outbox::refresh_backlog_gauges(
+        ops.db.clone(),
+        topics,
+        every,
+        shutdown.clone(),
+    ));
+    // A readiness probe opens a Kafka client of its own: less often than the backlog query.
+    tasks.spawn(telemetry::refresh_readiness_gauge(
+        ops,
+        3 * every,
+        shutdown.clone(),
+    ));
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
@@ -82,6 +83,13 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     pub backlog_refresh_secs: u64,
+}
+
+impl MetricsConfig {
+    /// How often the backlog gauges (and the consumer's lag) are refreshed.
+    pub fn backlog_refresh(&self) -> Duration {
+        Duration::from_secs(self.backlog_refresh_secs)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

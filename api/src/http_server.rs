@@ -11,6 +11,7 @@
 //! - a connection on which no byte moves either way for `idle_timeout` is shut down gracefully
 //!   (an answer in progress is still sent): HTTP/2 connections, and HTTP/1.1 ones mid-request;
 //! - the request body deadline is `middleware::read_body_within` (it answers 408).
+use relay::metric_names as names;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -150,7 +151,7 @@ async fn accept_loop<E>(
             Err(error) => {
                 // Out of descriptors or memory: accepting again at once would fail again, at
                 // full speed. Wait for connections to close.
-                metrics::counter!("http_accept_errors_total").increment(1);
+                metrics::counter!(names::HTTP_ACCEPT_ERRORS_TOTAL).increment(1);
                 tracing::warn!(%error, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -161,7 +162,7 @@ async fn accept_loop<E>(
             }
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            metrics::counter!("http_connections_refused_total").increment(1);
+            metrics::counter!(names::HTTP_CONNECTIONS_REFUSED_TOTAL).increment(1);
             refuse_over_capacity(&stream);
             continue;
         };

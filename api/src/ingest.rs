@@ -3,6 +3,7 @@
 //! Concurrent requests share transactions (group commit): `IngestWriter` tasks take whatever
 //! requests are queued (up to `batch_max`), write them with multi-row statements, commit once,
 //! then answer each request. Nobody is answered before the commit that holds their rows.
+use relay::metric_names as names;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -159,13 +160,13 @@ impl WriterTask {
         let started = std::time::Instant::now();
         let events: Vec<&ContactEvent> = batch.iter().map(|(e, _)| e).collect();
         let result = ingest_batch(&self.db, &self.kafka, &events).await;
-        metrics::histogram!("ingest_batch_size").record(events.len() as f64);
+        metrics::histogram!(names::INGEST_BATCH_SIZE).record(events.len() as f64);
         match result {
             Ok(outcomes) => {
                 if outcomes.contains(&IngestOutcome::Accepted) {
                     self.wakeup.notify_local();
                 }
-                metrics::histogram!("ingest_commit_seconds")
+                metrics::histogram!(names::INGEST_COMMIT_SECONDS)
                     .record(started.elapsed().as_secs_f64());
                 for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));

@@ -1,10 +1,16 @@
 //! Logging (tracing) and the Prometheus recorder, each installed once per process.
+use relay::metric_names as names;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
-use crate::app::Roles;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{OpsState, Roles};
 use crate::config::{LogConfig, LogFormat};
 use crate::error::code;
 
@@ -47,121 +53,127 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 pub fn register_metrics(roles: Roles) {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
-        "service_ready",
+        names::SERVICE_READY,
         "1 when /readyz would answer 200 (database, broker and consumer group healthy), else 0"
     );
     describe_gauge!(
-        "service_dependency_up",
+        names::SERVICE_DEPENDENCY_UP,
         "1 when the dependency answered its last readiness probe, else 0"
     );
     describe_counter!(
-        "http_connections_refused_total",
+        names::HTTP_CONNECTIONS_REFUSED_TOTAL,
         "connections answered 503 at once because http.max_connections were open"
     );
     describe_counter!(
-        "http_accept_errors_total",
+        names::HTTP_ACCEPT_ERRORS_TOTAL,
         "accept() failures (out of file descriptors...)"
     );
     describe_gauge!(
-        "events_unprocessed",
+        names::EVENTS_UNPROCESSED,
         "acknowledged events not yet processed (pending)"
     );
     describe_gauge!(
-        "events_oldest_unprocessed_age_seconds",
+        names::EVENTS_OLDEST_UNPROCESSED_AGE_SECONDS,
         "age of the oldest acknowledged event not yet processed: the golden signal"
     );
     describe_gauge!(
-        "events_failed",
+        names::EVENTS_FAILED,
         "events that could not be applied and wait for an operator (status failed)"
     );
     describe_gauge!(
-        "events_republished_pending",
+        names::EVENTS_REPUBLISHED_PENDING,
         "pending events the relay's safety net has published again"
     );
-    describe_gauge!("outbox_pending_total", "unpublished outbox rows");
+    describe_gauge!(names::OUTBOX_PENDING_TOTAL, "unpublished outbox rows");
     describe_gauge!(
-        "outbox_oldest_claimable_age_seconds_max",
+        names::OUTBOX_OLDEST_CLAIMABLE_AGE_SECONDS_MAX,
         "age of the oldest outbox row the relay could publish now"
     );
     describe_gauge!(
-        "consumer_lag",
+        names::CONSUMER_LAG,
         "messages not yet applied per partition of the consumer group"
     );
     describe_gauge!(
-        "consumer_partitions_unowned",
+        names::CONSUMER_PARTITIONS_UNOWNED,
         "partitions of the consumer group that no live consumer holds"
     );
-    for counter in ["http_connections_refused_total", "http_accept_errors_total"] {
+    for counter in [
+        names::HTTP_CONNECTIONS_REFUSED_TOTAL,
+        names::HTTP_ACCEPT_ERRORS_TOTAL,
+    ] {
         metrics::counter!(counter).increment(0);
     }
     if roles.http {
-        describe_counter!("webhook_requests_total", "webhook requests by outcome");
+        describe_counter!(names::WEBHOOK_REQUESTS_TOTAL, "webhook requests by outcome");
         describe_counter!(
-            "webhook_rejections_total",
+            names::WEBHOOK_REJECTIONS_TOTAL,
             "webhook requests refused (and duplicates), by reason"
         );
         describe_histogram!(
-            "webhook_ingest_seconds",
+            names::WEBHOOK_INGEST_SECONDS,
             "time from a verified webhook to its committed ack"
         );
         for outcome in ["accepted", "duplicate", "rejected", "error"] {
-            metrics::counter!("webhook_requests_total", "outcome" => outcome).increment(0);
+            metrics::counter!(names::WEBHOOK_REQUESTS_TOTAL, "outcome" => outcome).increment(0);
         }
         for reason in [code::SIGNATURE_INVALID, code::TIMESTAMP_INVALID] {
-            metrics::counter!("webhook_rejections_total", "reason" => reason).increment(0);
+            metrics::counter!(names::WEBHOOK_REJECTIONS_TOTAL, "reason" => reason).increment(0);
         }
     }
     if roles.relay {
-        describe_counter!("relay_published_total", "outbox rows published");
-        describe_counter!("relay_failed_total", "publish attempts that failed");
+        describe_counter!(names::RELAY_PUBLISHED_TOTAL, "outbox rows published");
+        describe_counter!(names::RELAY_FAILED_TOTAL, "publish attempts that failed");
         describe_counter!(
-            "relay_republished_total",
+            names::RELAY_REPUBLISHED_TOTAL,
             "rows the safety net published again (event still pending long after delivery)"
         );
         describe_counter!(
-            "retention_pruned_total",
+            names::RETENTION_PRUNED_TOTAL,
             "rows deleted by retention, by table"
         );
-        describe_counter!("retention_failures_total", "retention runs that failed");
+        describe_counter!(
+            names::RETENTION_FAILURES_TOTAL,
+            "retention runs that failed"
+        );
         describe_gauge!(
-            "retention_last_run_timestamp_seconds",
+            names::RETENTION_LAST_RUN_TIMESTAMP_SECONDS,
             "unix time at which the last retention run of this process completed"
         );
         describe_gauge!(
-            "retention_last_run_duration_seconds",
+            names::RETENTION_LAST_RUN_DURATION_SECONDS,
             "how long the last completed retention run took"
         );
         for counter in [
-            "relay_published_total",
-            "relay_failed_total",
-            "relay_republished_total",
+            names::RELAY_PUBLISHED_TOTAL,
+            names::RELAY_FAILED_TOTAL,
+            names::RELAY_REPUBLISHED_TOTAL,
         ] {
             metrics::counter!(counter).increment(0);
         }
     }
     if roles.consumer {
-        describe_counter!("consumer_processed_total", "events applied");
+        describe_counter!(names::CONSUMER_PROCESSED_TOTAL, "events applied");
         describe_counter!(
-            "consumer_failed_total",
+            names::CONSUMER_FAILED_TOTAL,
             "events that could not be applied (marked failed)"
         );
         describe_counter!(
-            "consumer_dead_lettered_total",
+            names::CONSUMER_DEAD_LETTERED_TOTAL,
             "messages published to the dead-letter topic"
         );
         describe_counter!(
-            "consumer_retries_total",
+            names::CONSUMER_RETRIES_TOTAL,
             "transient processing failures retried"
         );
         describe_gauge!(
-            "consumer_partitions_stalled",
+            names::CONSUMER_PARTITIONS_STALLED,
             "partitions of this consumer with messages waiting that have not moved for 30 s"
         );
         for counter in [
-            "consumer_processed_total",
-            "consumer_failed_total",
-            "consumer_dead_lettered_total",
-            "consumer_retries_total",
+            names::CONSUMER_PROCESSED_TOTAL,
+            names::CONSUMER_FAILED_TOTAL,
+            names::CONSUMER_DEAD_LETTERED_TOTAL,
+            names::CONSUMER_RETRIES_TOTAL,
         ] {
             metrics::counter!(counter).increment(0);
         }
@@ -188,14 +200,35 @@ pub fn count_outcome(outcome: Outcome) {
         Outcome::Rejected => "rejected",
         Outcome::Error => "error",
     };
-    metrics::counter!("webhook_requests_total", "outcome" => label).increment(1);
+    metrics::counter!(names::WEBHOOK_REQUESTS_TOTAL, "outcome" => label).increment(1);
     if outcome == Outcome::Duplicate {
-        metrics::counter!("webhook_rejections_total", "reason" => "duplicate").increment(1);
+        metrics::counter!(names::WEBHOOK_REJECTIONS_TOTAL, "reason" => "duplicate").increment(1);
     }
 }
 
 /// Counts one refused webhook under `code`, the code of the error answer it got.
 pub fn count_rejection(code: &str) {
     count_outcome(Outcome::Rejected);
-    metrics::counter!("webhook_rejections_total", "reason" => code.to_owned()).increment(1);
+    metrics::counter!(names::WEBHOOK_REJECTIONS_TOTAL, "reason" => code.to_owned()).increment(1);
+}
+
+/// Keeps `service_ready` and `service_dependency_up{dependency}` current (probed every `every`,
+/// never by a scrape), so an alert can see a process that is up but not ready.
+pub async fn refresh_readiness_gauge(
+    state: Arc<OpsState>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let readiness = crate::routes::health::readiness(&state).await;
+        metrics::gauge!(names::SERVICE_READY).set(if readiness.ready { 1.0 } else { 0.0 });
+        for dependency in readiness.dependencies {
+            metrics::gauge!(names::SERVICE_DEPENDENCY_UP, "dependency" => dependency.name)
+                .set(if dependency.up { 1.0 } else { 0.0 });
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(every) => {}
+        }
+    }
 }

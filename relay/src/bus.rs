@@ -1,11 +1,72 @@
-//! Where outbox messages go: a Kafka cluster, or (embedded mode) an in-process channel.
+//! Where outbox messages go: a Kafka cluster, or (embedded mode) an in-process channel. The
+//! bus is chosen once, by [`new_pair`]: the relay publishes through its [`BusSink`], the
+//! consumer reads from its [`BusSource`].
 use std::collections::BTreeMap;
 
+use anyhow::Context;
 use entity::outbox;
 use tokio::sync::mpsc;
 
+use crate::config::KafkaConfig;
 use crate::error::PublishError;
 use crate::kafka::KafkaPublisher;
+
+/// Messages the in-process bus holds before a publish counts as failed (and is retried).
+const IN_PROCESS_CAPACITY: usize = 10_000;
+
+/// The publishing end of the bus, before the relay connects it.
+pub enum BusSink {
+    InProcess(mpsc::Sender<BusMessage>),
+    Kafka(KafkaConfig),
+}
+
+/// The receiving end of the bus, for the consumer.
+pub enum BusSource {
+    InProcess(mpsc::Receiver<BusMessage>),
+    Kafka(KafkaConfig),
+}
+
+/// Chooses the bus (Kafka when `kafka.brokers` is set, else in-process) for a process running
+/// the relay and/or the consumer, and creates the topics when configured to.
+pub async fn new_pair(
+    kafka: &KafkaConfig,
+    relay: bool,
+    consumer: bool,
+) -> anyhow::Result<(BusSink, BusSource)> {
+    if kafka.brokers.is_none() {
+        if relay != consumer {
+            anyhow::bail!(
+                "the in-process bus needs the relay and the consumer in one process; \
+                 set kafka.brokers to run `relay` or `consume` apart"
+            );
+        }
+        let (sender, receiver) = mpsc::channel(IN_PROCESS_CAPACITY);
+        return Ok((BusSink::InProcess(sender), BusSource::InProcess(receiver)));
+    }
+    if kafka.create_topics && (relay || consumer) {
+        crate::kafka::ensure_topics(kafka)
+            .await
+            .context("creating Kafka topics")?;
+    }
+    Ok((
+        BusSink::Kafka(kafka.clone()),
+        BusSource::Kafka(kafka.clone()),
+    ))
+}
+
+impl BusSink {
+    /// The publisher: for Kafka, a connected idempotent producer.
+    pub async fn connect(self) -> anyhow::Result<Publisher> {
+        Ok(match self {
+            Self::InProcess(sender) => Publisher::InProcess(sender),
+            Self::Kafka(kafka) => Publisher::Kafka(
+                KafkaPublisher::connect(&kafka)
+                    .await
+                    .context("creating the Kafka producer")?,
+            ),
+        })
+    }
+}
 
 /// One message as the consumer sees it, whichever bus carried it.
 #[derive(Clone, Debug)]

@@ -6,12 +6,14 @@ pub mod consumer;
 pub mod error;
 pub mod event;
 pub mod kafka;
+pub mod metric_names;
 pub mod outbox;
 pub mod outbox_relay;
 pub mod partitions;
 pub mod processor;
 pub mod projection;
 pub mod retention;
+pub mod roles;
 pub mod wakeup;
 
 pub use event::EVENT_TYPES;

@@ -2,6 +2,7 @@
 //! for every delivery report, then marks the delivered rows published in the claiming transaction.
 //! A row is never marked published without a delivery report; a relay that dies mid-batch rolls
 //! back and another relay (or its restart) publishes the rows again.
+use crate::metric_names as names;
 use std::time::{Duration, Instant};
 
 use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
@@ -69,8 +70,8 @@ impl OutboxRelay {
         let started = Instant::now();
         let messages: Vec<BusMessage> = rows.iter().map(BusMessage::from_outbox).collect();
         let reports = self.publisher.publish(&messages).await;
-        metrics::histogram!("relay_publish_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("relay_batch_size").record(rows.len() as f64);
+        metrics::histogram!(names::RELAY_PUBLISH_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::RELAY_BATCH_SIZE).record(rows.len() as f64);
 
         let mut delivered = Vec::with_capacity(rows.len());
         let mut step = RelayStep::default();
@@ -93,8 +94,8 @@ impl OutboxRelay {
         step.published = delivered.len();
         outbox::mark_published(&txn, delivered).await?;
         txn.commit().await?;
-        metrics::counter!("relay_published_total").increment(step.published as u64);
-        metrics::counter!("relay_failed_total").increment(step.failed as u64);
+        metrics::counter!(names::RELAY_PUBLISHED_TOTAL).increment(step.published as u64);
+        metrics::counter!(names::RELAY_FAILED_TOTAL).increment(step.failed as u64);
         tracing::debug!(
             published = step.published,
             failed = step.failed,
@@ -112,7 +113,7 @@ impl OutboxRelay {
         );
         let requeued = republish_pending(&self.db, after, &reason, 1000).await?;
         if requeued > 0 {
-            metrics::counter!("relay_republished_total").increment(requeued);
+            metrics::counter!(names::RELAY_REPUBLISHED_TOTAL).increment(requeued);
             tracing::warn!(
                 requeued,
                 "events still pending long after delivery; publishing them again"

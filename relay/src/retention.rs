@@ -18,6 +18,7 @@
 //! Several relay processes may run retention: on PostgreSQL each batch first takes a
 //! transaction-scoped advisory lock, and a process that finds it taken ends its run (another
 //! one is pruning). Rows locked by anyone else are skipped (`SKIP LOCKED`), never waited for.
+use crate::metric_names as names;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -95,7 +96,8 @@ impl Retention {
                     }
                     Batch::Deleted(deleted, next) => (deleted, next),
                 };
-                metrics::counter!("retention_pruned_total", "table" => table).increment(deleted);
+                metrics::counter!(names::RETENTION_PRUNED_TOTAL, "table" => table)
+                    .increment(deleted);
                 if table == OUTBOX_TABLE {
                     report.outbox += deleted;
                 } else {
@@ -183,17 +185,17 @@ impl Retention {
     /// Prunes every `interval_secs` until `shutdown`. The first run starts at once.
     pub async fn run(self, shutdown: CancellationToken) {
         for table in [OUTBOX_TABLE, EVENTS_TABLE] {
-            metrics::counter!("retention_pruned_total", "table" => table).increment(0);
+            metrics::counter!(names::RETENTION_PRUNED_TOTAL, "table" => table).increment(0);
         }
-        metrics::counter!("retention_failures_total").increment(0);
+        metrics::counter!(names::RETENTION_FAILURES_TOTAL).increment(0);
         while !shutdown.is_cancelled() {
             let started = Instant::now();
             match self.prune_once(&shutdown).await {
                 Ok(report) if !report.interrupted => {
                     let elapsed = started.elapsed();
-                    metrics::gauge!("retention_last_run_timestamp_seconds")
+                    metrics::gauge!(names::RETENTION_LAST_RUN_TIMESTAMP_SECONDS)
                         .set(Utc::now().timestamp_millis() as f64 / 1000.0);
-                    metrics::gauge!("retention_last_run_duration_seconds")
+                    metrics::gauge!(names::RETENTION_LAST_RUN_DURATION_SECONDS)
                         .set(elapsed.as_secs_f64());
                     if report.outbox + report.events > 0 {
                         tracing::info!(
@@ -209,7 +211,7 @@ impl Retention {
                 }
                 Ok(_) => {}
                 Err(error) => {
-                    metrics::counter!("retention_failures_total").increment(1);
+                    metrics::counter!(names::RETENTION_FAILURES_TOTAL).increment(1);
                     tracing::warn!(%error, "retention run failed; trying again next interval");
                 }
             }

@@ -6,8 +6,6 @@ use poem::web::Data;
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi};
 
-use tokio_util::sync::CancellationToken;
-
 use crate::app::OpsState;
 use crate::routes::ApiTags;
 use crate::telemetry::metrics_handle;
@@ -127,27 +125,6 @@ pub async fn readiness(state: &OpsState) -> Readiness {
     Readiness {
         ready,
         dependencies,
-    }
-}
-
-/// Keeps `service_ready` and `service_dependency_up{dependency}` current (probed every `every`,
-/// never by a scrape), so an alert can see a process that is up but not ready.
-pub async fn refresh_readiness_gauge(
-    state: Arc<OpsState>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    while !shutdown.is_cancelled() {
-        let readiness = readiness(&state).await;
-        metrics::gauge!("service_ready").set(if readiness.ready { 1.0 } else { 0.0 });
-        for dependency in readiness.dependencies {
-            metrics::gauge!("service_dependency_up", "dependency" => dependency.name)
-                .set(if dependency.up { 1.0 } else { 0.0 });
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = tokio::time::sleep(every) => {}
-        }
     }
 }
 

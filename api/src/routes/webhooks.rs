@@ -1,4 +1,5 @@
 //! `POST /api/webhooks`.
+use relay::metric_names as names;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -156,7 +157,7 @@ impl WebhookApi {
                 telemetry::count_outcome(Outcome::Error);
                 ApiError::from(error)
             })?;
-        metrics::histogram!("webhook_ingest_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!(names::WEBHOOK_INGEST_SECONDS).record(started.elapsed().as_secs_f64());
         let _in_span = span.enter(); // no await below: the outcome is logged with the event id
         let status = match outcome {
             IngestOutcome::Accepted => {

@@ -1,5 +1,6 @@
 //! What is waiting: the outbox backlog per topic, acknowledged events not yet processed, the
 //! consumer group's partitions; and the loop that keeps their gauges current.
+use crate::metric_names as names;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -163,7 +164,7 @@ pub async fn refresh_backlog_gauges(
             Err(error) => tracing::warn!(%error, "outbox backlog query failed"),
         }
         match failed_events(&db).await {
-            Ok(failed) => metrics::gauge!("events_failed").set(failed as f64),
+            Ok(failed) => metrics::gauge!(names::EVENTS_FAILED).set(failed as f64),
             Err(error) => tracing::warn!(%error, "failed events query failed"),
         }
         tokio::select! {
@@ -174,30 +175,34 @@ pub async fn refresh_backlog_gauges(
 }
 
 fn set_gauges(summary: &Backlog) {
-    metrics::gauge!("outbox_pending_total").set(summary.pending as f64);
-    metrics::gauge!("events_unprocessed").set(summary.unprocessed as f64);
-    metrics::gauge!("events_oldest_unprocessed_age_seconds")
+    metrics::gauge!(names::OUTBOX_PENDING_TOTAL).set(summary.pending as f64);
+    metrics::gauge!(names::EVENTS_UNPROCESSED).set(summary.unprocessed as f64);
+    metrics::gauge!(names::EVENTS_OLDEST_UNPROCESSED_AGE_SECONDS)
         .set(summary.oldest_unprocessed_age_secs);
-    metrics::gauge!("events_republished_pending").set(summary.republished_pending as f64);
-    metrics::gauge!("consumer_partitions_unowned")
+    metrics::gauge!(names::EVENTS_REPUBLISHED_PENDING).set(summary.republished_pending as f64);
+    metrics::gauge!(names::CONSUMER_PARTITIONS_UNOWNED)
         .set(summary.partitions.iter().filter(|p| !p.owned).count() as f64);
     for p in &summary.partitions {
         let labels = [
             ("topic", p.topic.clone()),
             ("partition", p.partition.to_string()),
         ];
-        metrics::gauge!("consumer_partition_owned", &labels).set(if p.owned { 1.0 } else { 0.0 });
+        metrics::gauge!(names::CONSUMER_PARTITION_OWNED, &labels).set(if p.owned {
+            1.0
+        } else {
+            0.0
+        });
         if let Some(lag) = p.lag() {
-            metrics::gauge!("consumer_lag", &labels).set(lag as f64);
+            metrics::gauge!(names::CONSUMER_LAG, &labels).set(lag as f64);
         }
     }
-    metrics::gauge!("outbox_oldest_claimable_age_seconds_max")
+    metrics::gauge!(names::OUTBOX_OLDEST_CLAIMABLE_AGE_SECONDS_MAX)
         .set(summary.oldest_claimable_age_secs);
 }
 
 fn set_topic_gauges(topic: &str, pending: i64, parked: i64, oldest: f64) {
     let topic = topic.to_owned();
-    metrics::gauge!("outbox_pending", "topic" => topic.clone()).set(pending as f64);
-    metrics::gauge!("outbox_parked", "topic" => topic.clone()).set(parked as f64);
-    metrics::gauge!("outbox_oldest_claimable_age_seconds", "topic" => topic).set(oldest);
+    metrics::gauge!(names::OUTBOX_PENDING, "topic" => topic.clone()).set(pending as f64);
+    metrics::gauge!(names::OUTBOX_PARKED, "topic" => topic.clone()).set(parked as f64);
+    metrics::gauge!(names::OUTBOX_OLDEST_CLAIMABLE_AGE_SECONDS, "topic" => topic).set(oldest);
 }
