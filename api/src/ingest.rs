@@ -31,15 +31,7 @@ pub async fn store_events<C: ConnectionTrait>(
     kafka: &KafkaConfig,
     events: &[&ContactEvent],
 ) -> Result<Vec<IngestOutcome>, DbErr> {
-    let new: Vec<NewEvent<'_>> = events
-        .iter()
-        .map(|e| NewEvent {
-            event_id: &e.event_id,
-            event_type: e.event_type,
-            contact_id: &e.contact_id,
-            payload: &e.payload,
-        })
-        .collect();
+    let new: Vec<NewEvent<'_>> = events.iter().map(|e| NewEvent::from(*e)).collect();
     let inserted = outbox::store_events(conn, kafka, &new).await?;
     // The first occurrence of a new id is accepted; any later one in this batch is a duplicate.
     let mut claimed = HashSet::new();

@@ -54,8 +54,8 @@ pub struct LoadgenArgs {
     #[arg(long, default_value = "http://127.0.0.1:8080/api/webhooks")]
     pub url: String,
     /// The webhook secret the service verifies signatures with.
-    #[arg(long, env = "ACME_LOADGEN_SECRET", hide_env_values = true, value_parser = parse_secret)]
-    pub secret: Secret,
+    #[arg(long, env = "ACME_LOADGEN_SECRET", hide_env_values = true)]
+    pub secret: String,
     /// Open loop: fixed arrival rate in events/s, latency measured from the scheduled send time.
     /// Without it: closed loop, `--connections` senders back to back.
     #[arg(long)]
@@ -113,35 +113,11 @@ impl LoadgenArgs {
     }
 }
 
-/// The webhook secret; never printed.
-#[derive(Clone)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
-fn parse_secret(value: &str) -> Result<Secret, std::convert::Infallible> {
-    Ok(Secret::new(value))
-}
-
 impl std::fmt::Debug for LoadgenArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadgenArgs")
             .field("url", &self.url)
-            .field("secret", &self.secret)
+            .field("secret", &"***")
             .field("rate", &self.rate)
             .field("connections", &self.connections)
             .field("duration", &self.duration)
@@ -448,7 +424,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<LoadgenReport> {
     let shared = Arc::new(Shared {
         client,
         url,
-        factory: EventFactory::new(&run_id, args.secret.expose().as_bytes()),
+        factory: EventFactory::new(&run_id, args.secret.as_bytes()),
         planner: Mutex::new(Planner {
             rng: StdRng::seed_from_u64(seed),
             next_seq: 0,

@@ -62,25 +62,15 @@ struct BacklogRow {
 pub async fn backlog(db: &DatabaseConnection) -> Result<Backlog, DbErr> {
     let now = Utc::now();
     let backend = db.get_database_backend();
-    let placeholder = if backend == DatabaseBackend::Postgres {
-        "$1"
-    } else {
-        "?"
-    };
-    let sql = format!(
-        "SELECT topic, COUNT(*) AS pending, \
-                CAST(SUM(CASE WHEN next_attempt_at > {placeholder} THEN 1 ELSE 0 END) AS BIGINT) AS parked, \
-                MIN(CASE WHEN next_attempt_at <= {placeholder} THEN created_at END) AS oldest_claimable \
-         FROM outbox WHERE published_at IS NULL GROUP BY topic ORDER BY topic"
-    );
-    let values: Vec<sea_orm::Value> = if backend == DatabaseBackend::Postgres {
-        vec![now.into()]
-    } else {
-        vec![now.into(), now.into()]
-    };
-    let rows = BacklogRow::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
-        .all(db)
-        .await?;
+    // `$1` twice is one parameter for PostgreSQL and SQLite alike.
+    let sql = "SELECT topic, COUNT(*) AS pending, \
+                CAST(SUM(CASE WHEN next_attempt_at > $1 THEN 1 ELSE 0 END) AS BIGINT) AS parked, \
+                MIN(CASE WHEN next_attempt_at <= $1 THEN created_at END) AS oldest_claimable \
+         FROM outbox WHERE published_at IS NULL GROUP BY topic ORDER BY topic";
+    let rows =
+        BacklogRow::find_by_statement(Statement::from_sql_and_values(backend, sql, [now.into()]))
+            .all(db)
+            .await?;
     let age = |t: Option<DateTime<Utc>>| {
         t.map_or(0.0, |t| {
             ((now - t).num_milliseconds().max(0) as f64) / 1000.0

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 pub use backlog::{Backlog, TopicBacklog, backlog, refresh_backlog_gauges};
 
 use crate::config::KafkaConfig;
-use crate::event::{HEADER_EVENT_ID, HEADER_EVENT_TYPE};
+use crate::event::{ContactEvent, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 use crate::wakeup::NOTIFY_CHANNEL;
 
 /// An event to store or re-queue, as the outbox needs it.
@@ -37,6 +37,28 @@ pub struct NewEvent<'a> {
     pub event_type: EventType,
     pub contact_id: &'a str,
     pub payload: &'a Value,
+}
+
+impl<'a> From<&'a ContactEvent> for NewEvent<'a> {
+    fn from(e: &'a ContactEvent) -> Self {
+        Self {
+            event_id: &e.event_id,
+            event_type: e.event_type,
+            contact_id: &e.contact_id,
+            payload: &e.payload,
+        }
+    }
+}
+
+impl<'a> From<&'a webhook_event::Model> for NewEvent<'a> {
+    fn from(e: &'a webhook_event::Model) -> Self {
+        Self {
+            event_id: &e.event_id,
+            event_type: e.event_type,
+            contact_id: &e.contact_id,
+            payload: &e.payload,
+        }
+    }
 }
 
 /// What an outbox row carries to the bus.
@@ -302,15 +324,7 @@ pub async fn requeue_failed(
         .filter(webhook_event::Column::Id.is_in(events.iter().map(|e| e.id)))
         .exec(&txn)
         .await?;
-    let new: Vec<NewEvent<'_>> = events
-        .iter()
-        .map(|e| NewEvent {
-            event_id: &e.event_id,
-            event_type: e.event_type,
-            contact_id: &e.contact_id,
-            payload: &e.payload,
-        })
-        .collect();
+    let new: Vec<NewEvent<'_>> = events.iter().map(NewEvent::from).collect();
     enqueue(&txn, kafka, &new).await?;
     txn.commit().await?;
     tracing::info!(requeued = events.len(), "failed events re-queued");
@@ -354,7 +368,7 @@ pub async fn mark_published<C: ConnectionTrait>(txn: &C, ids: Vec<i64>) -> Resul
         .col_expr(outbox::Column::PublishedAt, Expr::value(Utc::now()))
         .col_expr(
             outbox::Column::Attempts,
-            Expr::col(outbox::Column::Attempts).add(1),
+            incremented(outbox::Column::Attempts),
         )
         .filter(outbox::Column::Id.is_in(ids))
         .exec(txn)
@@ -372,7 +386,7 @@ pub async fn mark_failed<C: ConnectionTrait>(
     outbox::Entity::update_many()
         .col_expr(
             outbox::Column::Attempts,
-            Expr::col(outbox::Column::Attempts).add(1),
+            incremented(outbox::Column::Attempts),
         )
         .col_expr(outbox::Column::LastError, Expr::value(error))
         .col_expr(
@@ -383,6 +397,11 @@ pub async fn mark_failed<C: ConnectionTrait>(
         .exec(txn)
         .await?;
     Ok(())
+}
+
+/// `column + 1`.
+fn incremented(column: outbox::Column) -> sea_orm::sea_query::Expr {
+    Expr::col(column).add(1)
 }
 
 /// The longest the safety net waits between two re-publishes of one event.
@@ -448,7 +467,7 @@ pub async fn republish_pending(
         .col_expr(outbox::Column::LastError, Expr::value(reason))
         .col_expr(
             outbox::Column::Republished,
-            Expr::col(outbox::Column::Republished).add(1),
+            incremented(outbox::Column::Republished),
         )
         .filter(outbox::Column::Id.is_in(due))
         .exec(db)
@@ -576,5 +595,64 @@ mod tests {
             message.headers,
             json!({ "event-id": "evt_1", "event-type": "contact.deleted" })
         );
+    }
+
+    /// The portable (SQLite) statements, end to end: store, duplicate, backlog, claim, mark.
+    #[tokio::test]
+    async fn the_portable_statements_store_claim_and_sum_up_the_outbox() {
+        use migration::MigratorTrait;
+        let db = sea_orm::Database::connect("sqlite::memory:")
+            .await
+            .expect("in-memory SQLite");
+        migration::Migrator::up(&db, None)
+            .await
+            .expect("migrations");
+        let kafka: KafkaConfig = serde_json::from_value(json!({
+            "brokers": null, "topic_prefix": "t", "group_id": "g", "create_topics": false,
+            "partitions": 1, "replication_factor": 1, "message_timeout_ms": 1000,
+        }))
+        .expect("config");
+        let payload = json!({ "id": "evt_1" });
+        let event = |event_id| NewEvent {
+            event_id,
+            event_type: EventType::Updated,
+            contact_id: "c1",
+            payload: &payload,
+        };
+        let txn = db.begin().await.expect("begin");
+        let new = store_events(
+            &txn,
+            &kafka,
+            &[event("evt_1"), event("evt_2"), event("evt_1")],
+        )
+        .await
+        .expect("store");
+        txn.commit().await.expect("commit");
+        assert_eq!(new, HashSet::from(["evt_1".to_owned(), "evt_2".to_owned()]));
+        let again = store_events(&db, &kafka, &[event("evt_2")])
+            .await
+            .expect("store");
+        assert!(again.is_empty());
+
+        let summary = backlog(&db).await.expect("backlog");
+        assert_eq!(
+            (summary.pending, summary.parked, summary.unprocessed),
+            (2, 0, 2)
+        );
+        assert_eq!(summary.topics.len(), 1);
+        assert_eq!(summary.topics[0].topic, "t.contact.updated");
+
+        let txn = db.begin().await.expect("begin");
+        let rows = claim(&txn, 10).await.expect("claim");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].headers["event-type"], "contact.updated");
+        mark_failed(&txn, rows[1].id, "broker down", Duration::from_secs(60))
+            .await
+            .expect("mark failed");
+        mark_published(&txn, vec![rows[0].id]).await.expect("mark");
+        txn.commit().await.expect("commit");
+        let summary = backlog(&db).await.expect("backlog");
+        assert_eq!((summary.pending, summary.parked), (1, 1));
+        assert!(claim(&db, 10).await.expect("claim").is_empty());
     }
 }
