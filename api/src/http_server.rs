@@ -11,7 +11,6 @@
 //! - a connection on which no byte moves either way for `idle_timeout` is shut down gracefully
 //!   (an answer in progress is still sent): HTTP/2 connections, and HTTP/1.1 ones mid-request;
 //! - the request body deadline is `middleware::read_body_within` (it answers 408).
-use relay::metric_names as names;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -27,6 +26,7 @@ use hyper_util::server::conn::auto;
 use poem::http::uri::Scheme;
 use poem::web::{LocalAddr, RemoteAddr};
 use poem::{Addr, Endpoint, EndpointExt, Request};
+use relay::metric_names as names;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};

@@ -3,11 +3,11 @@
 //! Concurrent requests share transactions (group commit): `IngestWriter` tasks take whatever
 //! requests are queued (up to `batch_max`), write them with multi-row statements, commit once,
 //! then answer each request. Nobody is answered before the commit that holds their rows.
-use relay::metric_names as names;
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use relay::config::KafkaConfig;
+use relay::metric_names as names;
 use relay::outbox::{self, NewEvent};
 use relay::wakeup::OutboxWakeup;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, TransactionTrait};

@@ -1,14 +1,12 @@
-//! Logging (tracing) and the Prometheus recorder, each installed once per process.
-use relay::metric_names as names;
-use std::sync::OnceLock;
-
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
-
-use std::sync::Arc;
+//! Logging (tracing) and the Prometheus recorder, each installed once per process; the
+//! registration of the metrics, the webhook counters, and the readiness gauge loop.
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use relay::metric_names as names;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
 
 use crate::app::{OpsState, Roles};
 use crate::config::{LogConfig, LogFormat};

@@ -2,7 +2,6 @@
 //! for every delivery report, then marks the delivered rows published in the claiming transaction.
 //! A row is never marked published without a delivery report; a relay that dies mid-batch rolls
 //! back and another relay (or its restart) publishes the rows again.
-use crate::metric_names as names;
 use std::time::{Duration, Instant};
 
 use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
@@ -10,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusMessage, Publisher};
 use crate::config::{RelayConfig, backoff};
+use crate::metric_names as names;
 use crate::outbox::{self, republish_pending};
 use crate::wakeup::OutboxWakeup;
 

@@ -18,7 +18,6 @@
 //! Several relay processes may run retention: on PostgreSQL each batch first takes a
 //! transaction-scoped advisory lock, and a process that finds it taken ends its run (another
 //! one is pruning). Rows locked by anyone else are skipped (`SKIP LOCKED`), never waited for.
-use crate::metric_names as names;
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -29,6 +28,7 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
+use crate::metric_names as names;
 use crate::outbox::{self, PruneCursor};
 
 /// First key of the pruners' advisory lock (two-int form): "acmr".

@@ -1,5 +1,4 @@
 //! `POST /api/webhooks`.
-use relay::metric_names as names;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,6 +11,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::registry::MetaSchemaRef;
 use poem_openapi::types::{ParseFromParameter, ParseResult, Type};
 use poem_openapi::{ApiResponse, OpenApi};
+use relay::metric_names as names;
 use tracing::Instrument;
 
 use crate::app::AppState;

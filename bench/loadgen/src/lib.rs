@@ -623,7 +623,7 @@ fn progress_bar(
     })
 }
 
-/// `acme-webhooks loadgen`: runs, then prints the summary on stdout.
+/// The `loadgen` binary: runs, then prints the summary on stdout.
 pub async fn main(args: LoadgenArgs) -> anyhow::Result<()> {
     let report = run(args).await?;
     print!("{}", report.summary());

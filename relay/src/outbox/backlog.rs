@@ -1,6 +1,5 @@
 //! What is waiting: the outbox backlog per topic, acknowledged events not yet processed, the
 //! consumer group's partitions; and the loop that keeps their gauges current.
-use crate::metric_names as names;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use sea_orm::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::metric_names as names;
 use crate::partitions::{PartitionState, partition_states};
 
 /// Unpublished outbox rows of one topic.
