@@ -10,6 +10,7 @@ use poem_openapi::auth::Bearer;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, SecurityScheme};
+use relay::outbox::Backlog;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use subtle::ConstantTimeEq;
 
@@ -134,56 +135,6 @@ pub struct RetryFilter {
     /// Only events received before this time.
     #[oai(nullable)]
     pub until: Option<DateTime<Utc>>,
-}
-
-/// Unpublished outbox rows of one topic.
-#[derive(Object, Debug, Clone, serde::Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
-pub struct TopicBacklog {
-    pub topic: String,
-    /// Unpublished rows.
-    pub pending: i64,
-    /// Of those, rows waiting out a retry backoff.
-    pub parked: i64,
-    /// Age in seconds of the oldest row that could be published now (0 if none).
-    pub oldest_claimable_age_secs: f64,
-}
-
-/// The outbox backlog.
-#[derive(Object, Debug, Clone, serde::Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
-pub struct OutboxSummary {
-    pub pending: i64,
-    pub parked: i64,
-    pub oldest_claimable_age_secs: f64,
-    pub topics: Vec<TopicBacklog>,
-    /// Acknowledged events not yet processed (published or not): the golden signal.
-    pub unprocessed: i64,
-    /// Age of the oldest of them, in seconds (0 when there is none).
-    pub oldest_unprocessed_age_secs: f64,
-    /// Events still pending that the relay's safety net has published again at least once.
-    pub republished_pending: i64,
-    /// Every partition of the consumer group (Kafka mode): its next offset, lag and owner.
-    pub partitions: Vec<PartitionView>,
-}
-
-/// One partition of the consumer group.
-#[derive(Object, Debug, Clone, serde::Deserialize)]
-#[oai(rename_all = "camelCase")]
-#[serde(rename_all = "camelCase")]
-pub struct PartitionView {
-    pub topic: String,
-    pub partition: i32,
-    /// The first offset not yet applied (`null`: nothing applied yet).
-    #[oai(nullable)]
-    pub next_offset: Option<i64>,
-    /// Messages not yet applied, as of the last high watermark a consumer read.
-    #[oai(nullable)]
-    pub lag: Option<i64>,
-    /// Whether a live consumer holds the partition.
-    pub owned: bool,
 }
 
 const DEFAULT_PAGE: u64 = 50;
@@ -339,9 +290,8 @@ impl AdminApi {
         &self,
         _auth: AdminToken,
         state: Data<&Arc<AppState>>,
-    ) -> ApiResult<Json<OutboxSummary>> {
-        let backlog = relay::outbox::backlog(&state.db).await?;
-        Ok(Json(backlog.into()))
+    ) -> ApiResult<Json<Backlog>> {
+        Ok(Json(relay::outbox::backlog(&state.db).await?))
     }
 }
 
@@ -388,38 +338,4 @@ async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhoo
         .one(db)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no event with id {event_id}")))
-}
-
-impl From<relay::outbox::Backlog> for OutboxSummary {
-    fn from(b: relay::outbox::Backlog) -> Self {
-        Self {
-            pending: b.pending,
-            parked: b.parked,
-            oldest_claimable_age_secs: b.oldest_claimable_age_secs,
-            topics: b
-                .topics
-                .into_iter()
-                .map(|t| TopicBacklog {
-                    topic: t.topic,
-                    pending: t.pending,
-                    parked: t.parked,
-                    oldest_claimable_age_secs: t.oldest_claimable_age_secs,
-                })
-                .collect(),
-            unprocessed: b.unprocessed,
-            oldest_unprocessed_age_secs: b.oldest_unprocessed_age_secs,
-            republished_pending: b.republished_pending,
-            partitions: b
-                .partitions
-                .into_iter()
-                .map(|p| PartitionView {
-                    lag: p.lag(),
-                    topic: p.topic,
-                    partition: p.partition,
-                    next_offset: p.next_offset,
-                    owned: p.owned,
-                })
-                .collect(),
-        }
-    }
 }

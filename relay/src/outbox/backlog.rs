@@ -14,8 +14,14 @@ use tokio_util::sync::CancellationToken;
 use crate::metric_names as names;
 use crate::partitions::{PartitionState, partition_states};
 
+// These are also the admin API's answer (`GET /api/admin/outbox`): with the `openapi` feature
+// they are poem-openapi objects, and their doc comments are the spec's descriptions.
+
 /// Unpublished outbox rows of one topic.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(poem_openapi::Object))]
+#[cfg_attr(feature = "openapi", oai(rename_all = "camelCase"))]
+#[serde(rename_all = "camelCase")]
 pub struct TopicBacklog {
     pub topic: String,
     /// Unpublished rows.
@@ -26,8 +32,14 @@ pub struct TopicBacklog {
     pub oldest_claimable_age_secs: f64,
 }
 
-/// The backlog, computed now.
-#[derive(Debug, Clone, PartialEq)]
+/// The outbox backlog.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(poem_openapi::Object))]
+#[cfg_attr(
+    feature = "openapi",
+    oai(rename = "OutboxSummary", rename_all = "camelCase")
+)]
+#[serde(rename_all = "camelCase")]
 pub struct Backlog {
     pub pending: i64,
     pub parked: i64,
@@ -39,8 +51,38 @@ pub struct Backlog {
     pub oldest_unprocessed_age_secs: f64,
     /// Events still pending that the relay's safety net has published again at least once.
     pub republished_pending: i64,
-    /// Every partition of the consumer group (PostgreSQL only: ownership lives there).
-    pub partitions: Vec<PartitionState>,
+    /// Every partition of the consumer group (Kafka mode): its next offset, lag and owner.
+    pub partitions: Vec<PartitionView>,
+}
+
+/// One partition of the consumer group.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(poem_openapi::Object))]
+#[cfg_attr(feature = "openapi", oai(rename_all = "camelCase"))]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionView {
+    pub topic: String,
+    pub partition: i32,
+    /// The first offset not yet applied (`null`: nothing applied yet).
+    #[cfg_attr(feature = "openapi", oai(nullable))]
+    pub next_offset: Option<i64>,
+    /// Messages not yet applied, as of the last high watermark a consumer read.
+    #[cfg_attr(feature = "openapi", oai(nullable))]
+    pub lag: Option<i64>,
+    /// Whether a live consumer holds the partition.
+    pub owned: bool,
+}
+
+impl From<PartitionState> for PartitionView {
+    fn from(p: PartitionState) -> Self {
+        Self {
+            lag: p.lag(),
+            topic: p.topic,
+            partition: p.partition,
+            next_offset: p.next_offset,
+            owned: p.owned,
+        }
+    }
 }
 
 #[derive(FromQueryResult)]
@@ -99,7 +141,11 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<Backlog, DbErr> {
     .one(db)
     .await?;
     let partitions = if backend == DatabaseBackend::Postgres {
-        partition_states(db).await?
+        partition_states(db)
+            .await?
+            .into_iter()
+            .map(PartitionView::from)
+            .collect()
     } else {
         Vec::new()
     };
@@ -182,7 +228,7 @@ fn set_gauges(summary: &Backlog) {
         } else {
             0.0
         });
-        if let Some(lag) = p.lag() {
+        if let Some(lag) = p.lag {
             metrics::gauge!(names::CONSUMER_LAG, &labels).set(lag as f64);
         }
     }

@@ -24,7 +24,7 @@ use sea_orm::{
 use serde::Serialize;
 use serde_json::{Value, json};
 
-pub use backlog::{Backlog, TopicBacklog, backlog, refresh_backlog_gauges};
+pub use backlog::{Backlog, PartitionView, TopicBacklog, backlog, refresh_backlog_gauges};
 
 use crate::config::KafkaConfig;
 use crate::event::{ContactEvent, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
