@@ -74,10 +74,11 @@ impl ParseFromParameter for RequiredHeader {
     }
 }
 
-/// `error`, counted as a refused webhook under its code.
+/// `error`, counted and logged as a refused webhook under its code.
 fn rejected(error: impl Into<ApiError>) -> ApiError {
     let error = error.into();
     telemetry::count_rejection(error.code());
+    tracing::info!(reason = error.code(), "webhook rejected");
     error
 }
 
