@@ -13,6 +13,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use entity::outbox::Column as O;
 use entity::{EventStatus, EventType, outbox, webhook_event};
 use sea_orm::sea_query::{
     Expr, ExprTrait, IntoCondition, LockBehavior, LockType, OnConflict, Query,
@@ -237,22 +238,21 @@ pub async fn enqueue<C: ConnectionTrait>(
     kafka: &KafkaConfig,
     events: &[NewEvent<'_>],
 ) -> Result<(), DbErr> {
-    if events.is_empty() {
-        return Ok(());
+    if insert_rows(conn, kafka, events).await? {
+        notify_relays(conn).await?;
     }
-    insert_rows(conn, kafka, events).await?;
-    notify_relays(conn).await
+    Ok(())
 }
 
+/// Inserts one outbox row per event; whether there was any.
 async fn insert_rows<C: ConnectionTrait>(
     conn: &C,
     kafka: &KafkaConfig,
     events: &[NewEvent<'_>],
-) -> Result<(), DbErr> {
+) -> Result<bool, DbErr> {
     if events.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
-    use outbox::Column as O;
     let now = Utc::now();
     let mut insert = Query::insert();
     insert.into_table(outbox::Entity.table_ref()).columns([
@@ -277,7 +277,7 @@ async fn insert_rows<C: ConnectionTrait>(
         ]);
     }
     conn.execute(&insert).await?;
-    Ok(())
+    Ok(true)
 }
 
 /// On Postgres, wakes the relays: the notification is delivered when the transaction commits.
@@ -337,8 +337,8 @@ pub async fn rows_of_event<C: ConnectionTrait>(
     event_id: &str,
 ) -> Result<Vec<outbox::Model>, DbErr> {
     outbox::Entity::find()
-        .filter(outbox::Column::EventId.eq(event_id))
-        .order_by_asc(outbox::Column::Id)
+        .filter(O::EventId.eq(event_id))
+        .order_by_asc(O::Id)
         .all(conn)
         .await
 }
@@ -347,12 +347,12 @@ pub async fn rows_of_event<C: ConnectionTrait>(
 /// skipped (`FOR UPDATE SKIP LOCKED`; SQLite has one writer and no row locks).
 pub async fn claim<C: ConnectionTrait>(txn: &C, limit: u64) -> Result<Vec<outbox::Model>, DbErr> {
     outbox::Entity::find()
-        .filter(outbox::Column::PublishedAt.is_null())
-        .filter(outbox::Column::NextAttemptAt.lte(Utc::now()))
+        .filter(O::PublishedAt.is_null())
+        .filter(O::NextAttemptAt.lte(Utc::now()))
         // The order of the partial index (next_attempt_at, id) WHERE published_at IS NULL:
         // a batch reads its rows off the index instead of sorting the whole backlog.
-        .order_by_asc(outbox::Column::NextAttemptAt)
-        .order_by_asc(outbox::Column::Id)
+        .order_by_asc(O::NextAttemptAt)
+        .order_by_asc(O::Id)
         .limit(limit)
         .lock_with_behavior(LockType::Update, LockBehavior::SkipLocked)
         .all(txn)
@@ -365,12 +365,9 @@ pub async fn mark_published<C: ConnectionTrait>(txn: &C, ids: Vec<i64>) -> Resul
         return Ok(());
     }
     outbox::Entity::update_many()
-        .col_expr(outbox::Column::PublishedAt, Expr::value(Utc::now()))
-        .col_expr(
-            outbox::Column::Attempts,
-            incremented(outbox::Column::Attempts),
-        )
-        .filter(outbox::Column::Id.is_in(ids))
+        .col_expr(O::PublishedAt, Expr::value(Utc::now()))
+        .col_expr(O::Attempts, incremented(O::Attempts))
+        .filter(O::Id.is_in(ids))
         .exec(txn)
         .await?;
     Ok(())
@@ -384,16 +381,10 @@ pub async fn mark_failed<C: ConnectionTrait>(
     retry_in: Duration,
 ) -> Result<(), DbErr> {
     outbox::Entity::update_many()
-        .col_expr(
-            outbox::Column::Attempts,
-            incremented(outbox::Column::Attempts),
-        )
-        .col_expr(outbox::Column::LastError, Expr::value(error))
-        .col_expr(
-            outbox::Column::NextAttemptAt,
-            Expr::value(Utc::now() + retry_in),
-        )
-        .filter(outbox::Column::Id.eq(id))
+        .col_expr(O::Attempts, incremented(O::Attempts))
+        .col_expr(O::LastError, Expr::value(error))
+        .col_expr(O::NextAttemptAt, Expr::value(Utc::now() + retry_in))
+        .filter(O::Id.eq(id))
         .exec(txn)
         .await?;
     Ok(())
@@ -459,17 +450,11 @@ pub async fn republish_pending(
         return Ok(0);
     }
     let result = outbox::Entity::update_many()
-        .col_expr(
-            outbox::Column::PublishedAt,
-            Expr::value(Option::<DateTime<Utc>>::None),
-        )
-        .col_expr(outbox::Column::NextAttemptAt, Expr::value(now))
-        .col_expr(outbox::Column::LastError, Expr::value(reason))
-        .col_expr(
-            outbox::Column::Republished,
-            incremented(outbox::Column::Republished),
-        )
-        .filter(outbox::Column::Id.is_in(due))
+        .col_expr(O::PublishedAt, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(O::NextAttemptAt, Expr::value(now))
+        .col_expr(O::LastError, Expr::value(reason))
+        .col_expr(O::Republished, incremented(O::Republished))
+        .filter(O::Id.is_in(due))
         .exec(db)
         .await?;
     Ok(result.rows_affected)
