@@ -303,6 +303,7 @@ fn spawn_gauges(tasks: &mut JoinSet<()>, ops: Arc<OpsState>, shutdown: &Cancella
         3 * every,
         shutdown.clone(),
     ));
+    tasks.spawn(telemetry::fold_histograms(every, shutdown.clone()));
 }
 
 #[cfg(test)]

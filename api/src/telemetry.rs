@@ -230,3 +230,16 @@ pub async fn refresh_readiness_gauge(
         }
     }
 }
+
+/// Folds the histogram samples recorded since the last pass into their buckets every `every`.
+/// The recorder keeps each sample until a scrape renders it, so a process nobody scrapes (or
+/// scrapes rarely) would hold every request's latency in memory; this bounds it to `every`.
+pub async fn fold_histograms(every: Duration, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        metrics_handle().run_upkeep();
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
