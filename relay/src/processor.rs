@@ -248,42 +248,35 @@ async fn claim<C: ConnectionTrait>(
     if rows.is_empty() {
         return Ok(());
     }
-    let now = Utc::now();
-    webhook_event::Entity::update_many()
-        .col_expr(
-            webhook_event::Column::Status,
-            Expr::value(EventStatus::Processed),
-        )
-        .col_expr(webhook_event::Column::ProcessedAt, Expr::value(now))
-        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
-        .col_expr(
-            webhook_event::Column::Error,
-            Expr::value(Option::<String>::None),
-        )
-        .col_expr(
-            webhook_event::Column::Attempts,
-            Expr::col(webhook_event::Column::Attempts).add(1),
-        )
-        .filter(webhook_event::Column::Id.is_in(rows))
-        .exec(conn)
-        .await?;
-    Ok(())
+    finish(conn, rows, EventStatus::Processed, None).await
 }
 
 /// Marks the locked `pending` event `row` failed with `error`.
 async fn mark_failed<C: ConnectionTrait>(conn: &C, row: i64, error: &str) -> Result<(), DbErr> {
-    webhook_event::Entity::update_many()
-        .col_expr(
-            webhook_event::Column::Status,
-            Expr::value(EventStatus::Failed),
-        )
+    finish(conn, vec![row], EventStatus::Failed, Some(error)).await
+}
+
+/// Ends one attempt of the events `rows` (by primary key) with `status` and `error`.
+async fn finish<C: ConnectionTrait>(
+    conn: &C,
+    rows: Vec<i64>,
+    status: EventStatus,
+    error: Option<&str>,
+) -> Result<(), DbErr> {
+    let now = Utc::now();
+    let mut update = webhook_event::Entity::update_many()
+        .col_expr(webhook_event::Column::Status, Expr::value(status))
         .col_expr(webhook_event::Column::Error, Expr::value(error))
-        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(Utc::now()))
+        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
         .col_expr(
             webhook_event::Column::Attempts,
             Expr::col(webhook_event::Column::Attempts).add(1),
-        )
-        .filter(webhook_event::Column::Id.eq(row))
+        );
+    if status == EventStatus::Processed {
+        update = update.col_expr(webhook_event::Column::ProcessedAt, Expr::value(now));
+    }
+    update
+        .filter(webhook_event::Column::Id.is_in(rows))
         .exec(conn)
         .await?;
     Ok(())
