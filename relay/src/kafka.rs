@@ -95,8 +95,12 @@ impl KafkaPublisher {
         client_config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("message.timeout.ms", config.message_timeout_ms.to_string())
-            .set("linger.ms", "2");
+            .set("message.timeout.ms", config.message_timeout_ms.to_string());
+        // The relay waits for every delivery report of a batch, so lingering delays each batch;
+        // a configured value wins.
+        if client_config.get("linger.ms").is_none() {
+            client_config.set("linger.ms", "2");
+        }
         let producer = create_producer(client_config.clone()).await?;
         Ok(Self {
             producer: Arc::new(RwLock::new(producer)),
