@@ -21,6 +21,7 @@ use crate::bus::BusMessage;
 use crate::config::{ConsumerConfig, KafkaConfig, backoff};
 use crate::event::{HEADER_ERROR, HEADER_EVENT_ID};
 use crate::kafka::KafkaPublisher;
+use crate::metric_names as names;
 use crate::partitions::{
     GroupHealth, Membership, OffsetCommit, TopicPartition, partition_states, record_watermarks,
 };
@@ -79,7 +80,7 @@ where
             }
             Err(BatchError::Transient(error)) => error,
         };
-        metrics::counter!("consumer_retries_total").increment(1);
+        metrics::counter!(names::CONSUMER_RETRIES_TOTAL).increment(1);
         tracing::warn!(%error, attempt, batch = messages.len(), "processing failed; retrying");
         if pause(config, &mut attempt, shutdown).await.is_none() {
             return BatchEnd::Shutdown;
@@ -88,10 +89,10 @@ where
 }
 
 fn record_outcomes(messages: &[BusMessage], outcomes: &[Outcome]) {
-    metrics::histogram!("consumer_batch_size").record(messages.len() as f64);
+    metrics::histogram!(names::CONSUMER_BATCH_SIZE).record(messages.len() as f64);
     let failed = outcomes.iter().filter(|o| o.is_err()).count();
-    metrics::counter!("consumer_processed_total").increment((outcomes.len() - failed) as u64);
-    metrics::counter!("consumer_failed_total").increment(failed as u64);
+    metrics::counter!(names::CONSUMER_PROCESSED_TOTAL).increment((outcomes.len() - failed) as u64);
+    metrics::counter!(names::CONSUMER_FAILED_TOTAL).increment(failed as u64);
     for (message, outcome) in messages.iter().zip(outcomes) {
         let _span = span_for(message).entered();
         match outcome {
@@ -353,7 +354,7 @@ impl KafkaEventConsumer {
                         self.reset(positions);
                     }
                 }
-                metrics::gauge!("consumer_partitions_owned", "member" => self.membership.member_id().to_owned())
+                metrics::gauge!(names::CONSUMER_PARTITIONS_OWNED, "member" => self.membership.member_id().to_owned())
                     .set(positions.len() as f64);
             }
             Err(error) => {
@@ -371,7 +372,7 @@ impl KafkaEventConsumer {
         if let Err(error) = self.consumer.unassign() {
             tracing::error!(%error, "could not unassign partitions");
         }
-        metrics::gauge!("consumer_partitions_owned", "member" => self.membership.member_id().to_owned())
+        metrics::gauge!(names::CONSUMER_PARTITIONS_OWNED, "member" => self.membership.member_id().to_owned())
             .set(0.0);
     }
 
@@ -418,7 +419,7 @@ impl KafkaEventConsumer {
                 .pop()
             {
                 Some(Ok(())) => {
-                    metrics::counter!("consumer_dead_lettered_total").increment(1);
+                    metrics::counter!(names::CONSUMER_DEAD_LETTERED_TOTAL).increment(1);
                     return Some(());
                 }
                 failure => {
@@ -584,7 +585,8 @@ impl LagReporter {
         match partition_states(&self.db).await {
             Ok(states) => {
                 let health = GroupHealth::of(&states, &self.members);
-                metrics::gauge!("consumer_partitions_stalled").set(health.stalled.len() as f64);
+                metrics::gauge!(names::CONSUMER_PARTITIONS_STALLED)
+                    .set(health.stalled.len() as f64);
                 if !health.healthy() {
                     tracing::warn!(unowned = ?health.unowned, stalled = ?health.stalled,
                         "consumer health: partitions not being consumed");
