@@ -38,6 +38,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("blocking Kafka call panicked")
 }
 
+/// Sets each property that `kafka.properties` left unset: a configured value wins.
+fn set_defaults(client: &mut ClientConfig, defaults: &[(&str, &str)]) {
+    for (key, value) in defaults {
+        if client.get(key).is_none() {
+            client.set(*key, *value);
+        }
+    }
+}
+
 /// Creates the event topics and the dead-letter topic when they are missing.
 pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
     let client_config = client_config(config);
@@ -96,11 +105,8 @@ impl KafkaPublisher {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", config.message_timeout_ms.to_string());
-        // The relay waits for every delivery report of a batch, so lingering delays each batch;
-        // a configured value wins.
-        if client_config.get("linger.ms").is_none() {
-            client_config.set("linger.ms", "2");
-        }
+        // The relay waits for every delivery report of a batch, so lingering delays each batch.
+        set_defaults(&mut client_config, &[("linger.ms", "2")]);
         let producer = create_producer(client_config.clone()).await?;
         Ok(Self {
             producer: Arc::new(RwLock::new(producer)),
@@ -215,14 +221,13 @@ pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, Kafk
     // messages per partition (`queued.min.messages`) while a backlog waits on the broker; a
     // consumer that applies 256 messages per transaction gains nothing from more than a few
     // batches in hand, so the defaults here bound the prefetch to 8 MB. Configured values win.
-    for (key, default) in [
-        ("fetch.wait.max.ms", "25"),
-        ("queued.max.messages.kbytes", "8192"),
-        ("queued.min.messages", "5000"),
-    ] {
-        if client_config.get(key).is_none() {
-            client_config.set(key, default);
-        }
-    }
+    set_defaults(
+        &mut client_config,
+        &[
+            ("fetch.wait.max.ms", "25"),
+            ("queued.max.messages.kbytes", "8192"),
+            ("queued.min.messages", "5000"),
+        ],
+    );
     blocking(move || client_config.create()).await
 }
