@@ -14,6 +14,7 @@ pub mod processor;
 pub mod projection;
 pub mod retention;
 pub mod roles;
+pub mod sql;
 pub mod wakeup;
 
 pub use event::EVENT_TYPES;

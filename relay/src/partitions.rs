@@ -70,25 +70,20 @@ impl OffsetCommit {
         if self.next.is_empty() {
             return Ok(());
         }
-        let mut values: Vec<SqlValue> = vec![
+        let [topics, partitions, offsets] = partition_arrays(self.next.iter());
+        let values: Vec<SqlValue> = vec![
             Utc::now().into(),
             self.group.clone().into(),
             self.owner.clone().into(),
+            topics,
+            partitions,
+            offsets,
         ];
-        let mut rows = Vec::with_capacity(self.next.len());
-        for (tp, next) in &self.next {
-            let n = values.len();
-            rows.push(format!("(${}, ${}::int4, ${}::int8)", n + 1, n + 2, n + 3));
-            values.extend([tp.topic.clone().into(), tp.partition.into(), (*next).into()]);
-        }
-        let sql = format!(
-            "UPDATE consumer_partitions AS p \
+        let sql = "UPDATE consumer_partitions AS p \
              SET next_offset = GREATEST(COALESCE(p.next_offset, 0), v.next_offset), committed_at = $1 \
-             FROM (VALUES {}) AS v(topic, partition, next_offset) \
+             FROM unnest($4::text[], $5::int4[], $6::int8[]) AS v(topic, partition, next_offset) \
              WHERE p.group_id = $2 AND p.owner = $3 AND p.topic = v.topic AND p.partition = v.partition \
-             RETURNING p.topic, p.partition",
-            rows.join(", ")
-        );
+             RETURNING p.topic, p.partition";
         let written = conn
             .query_all_raw(Statement::from_sql_and_values(
                 conn.get_database_backend(),
@@ -473,19 +468,12 @@ pub async fn record_watermarks<C: ConnectionTrait>(
     if watermarks.is_empty() {
         return Ok(());
     }
-    let mut values: Vec<SqlValue> = vec![Utc::now().into(), group.into()];
-    let mut rows = Vec::with_capacity(watermarks.len());
-    for (tp, high) in watermarks {
-        let n = values.len();
-        rows.push(format!("(${}, ${}::int4, ${}::int8)", n + 1, n + 2, n + 3));
-        values.extend([tp.topic.clone().into(), tp.partition.into(), (*high).into()]);
-    }
-    let sql = format!(
-        "UPDATE consumer_partitions AS p SET high_watermark = v.high, watermark_at = $1 \
-         FROM (VALUES {}) AS v(topic, partition, high) \
-         WHERE p.group_id = $2 AND p.topic = v.topic AND p.partition = v.partition",
-        rows.join(", ")
-    );
+    let [topics, partitions, highs] =
+        partition_arrays(watermarks.iter().map(|(tp, high)| (tp, high)));
+    let values: Vec<SqlValue> = vec![Utc::now().into(), group.into(), topics, partitions, highs];
+    let sql = "UPDATE consumer_partitions AS p SET high_watermark = v.high, watermark_at = $1 \
+         FROM unnest($3::text[], $4::int4[], $5::int8[]) AS v(topic, partition, high) \
+         WHERE p.group_id = $2 AND p.topic = v.topic AND p.partition = v.partition";
     conn.execute_raw(Statement::from_sql_and_values(
         conn.get_database_backend(),
         sql,
@@ -493,6 +481,21 @@ pub async fn record_watermarks<C: ConnectionTrait>(
     ))
     .await?;
     Ok(())
+}
+
+/// Per-partition numbers as three array parameters (topics, partitions, the numbers), for
+/// `unnest($a::text[], $b::int4[], $c::int8[])`: one statement text however many partitions
+/// (see `sql`).
+fn partition_arrays<'a>(
+    items: impl Iterator<Item = (&'a TopicPartition, &'a i64)>,
+) -> [SqlValue; 3] {
+    let (mut topics, mut partitions, mut numbers) = (Vec::new(), Vec::new(), Vec::new());
+    for (tp, number) in items {
+        topics.push(tp.topic.clone());
+        partitions.push(tp.partition);
+        numbers.push(*number);
+    }
+    [topics.into(), partitions.into(), numbers.into()]
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use chrono::Utc;
 use entity::{EventStatus, webhook_event};
 use sea_orm::sea_query::{Expr, ExprTrait, LockType};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait,
-    QueryFilter, QuerySelect, TransactionTrait,
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
+    QuerySelect, TransactionTrait,
 };
 use serde_json::Value;
 
@@ -18,6 +18,7 @@ use crate::error::Unappliable;
 use crate::event::HEADER_EVENT_ID;
 use crate::partitions::{Fenced, OffsetCommit};
 use crate::projection::{self, Applied, ContactChange};
+use crate::sql::one_of;
 
 /// What handling a message did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,7 +229,11 @@ async fn lock_events<C: ConnectionTrait>(
             webhook_event::Column::EventId,
             webhook_event::Column::Status,
         ])
-        .filter(webhook_event::Column::EventId.is_in(ids.iter().copied()))
+        .filter(one_of(
+            conn.get_database_backend(),
+            webhook_event::Column::EventId,
+            ids.iter().map(|id| (*id).to_owned()),
+        ))
         .lock(LockType::Update)
         .into_tuple()
         .all(conn)
@@ -276,7 +281,11 @@ async fn finish<C: ConnectionTrait>(
         update = update.col_expr(webhook_event::Column::ProcessedAt, Expr::value(now));
     }
     update
-        .filter(webhook_event::Column::Id.is_in(rows))
+        .filter(one_of(
+            conn.get_database_backend(),
+            webhook_event::Column::Id,
+            rows,
+        ))
         .exec(conn)
         .await?;
     Ok(())

@@ -9,12 +9,13 @@
 //! it was deleted, so it does not depend on which version happened to arrive before the delete.
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Utc};
-use sea_orm::{ConnectionTrait, DbErr, Statement, Value as SqlValue};
+use chrono::{DateTime, SecondsFormat, Utc};
+use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement, Value as SqlValue};
 use serde_json::{Value, json};
 
 use crate::error::Unappliable;
 use crate::event::{ContactEvent, EventType, rfc3339_field};
+use crate::sql::placeholders;
 
 /// An event as the projection reads it: the parsed contact event, the one type the webhook's
 /// validation produces too.
@@ -130,22 +131,23 @@ pub fn greatest_per_contact<'a>(
     greatest.into_values().collect()
 }
 
-const COLUMNS: [&str; 15] = [
-    "id",
-    "email",
-    "first_name",
-    "last_name",
-    "phone",
-    "company",
-    "title",
-    "data",
-    "source_created_at",
-    "source_updated_at",
-    "event_timestamp",
-    "last_event_id",
-    "deleted",
-    "deleted_at",
-    "updated_at",
+/// The columns the projection writes, with the PostgreSQL type each one is read as from the
+/// upsert's document; `updated_at`, the time of the batch, comes last.
+const COLUMNS: [(&str, &str); 14] = [
+    ("id", "text"),
+    ("email", "text"),
+    ("first_name", "text"),
+    ("last_name", "text"),
+    ("phone", "text"),
+    ("company", "text"),
+    ("title", "text"),
+    ("data", "jsonb"),
+    ("source_created_at", "timestamptz"),
+    ("source_updated_at", "timestamptz"),
+    ("event_timestamp", "timestamptz"),
+    ("last_event_id", "text"),
+    ("deleted", "boolean"),
+    ("deleted_at", "timestamptz"),
 ];
 
 /// Applies `changes` inside the caller's transaction with ONE statement: an upsert of the
@@ -163,11 +165,93 @@ pub async fn apply<C: ConnectionTrait>(
     if rows.is_empty() {
         return Ok(BTreeSet::new());
     }
+    let backend = conn.get_database_backend();
+    let (source, values) = match backend {
+        DatabaseBackend::Postgres => document_source(&rows)?,
+        _ => values_source(rows),
+    };
+    // Event ids compare byte by byte, as Rust's `String` does (`greatest_per_contact`): a
+    // PostgreSQL column compares by its locale's collation, which orders ids differently.
+    let bytewise = match backend {
+        DatabaseBackend::Postgres => " COLLATE \"C\"",
+        _ => "", // SQLite compares text bytewise (BINARY) already
+    };
+    let version = |table: &str| {
+        format!(
+            "({table}.deleted, COALESCE({table}.source_updated_at, {table}.event_timestamp), \
+             {table}.event_timestamp, {table}.last_event_id{bytewise})"
+        )
+    };
+    let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    let updates: Vec<String> = names[1..]
+        .iter()
+        .chain(&["updated_at"])
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect();
+    // Row values, ON CONFLICT ... WHERE and RETURNING: PostgreSQL and SQLite run both.
+    let sql = format!(
+        "INSERT INTO contacts ({}, updated_at) {source} ON CONFLICT (id) DO UPDATE SET {} \
+         WHERE {} > {} RETURNING last_event_id",
+        names.join(", "),
+        updates.join(", "),
+        version("excluded"),
+        version("contacts"),
+    );
+    let changed = conn
+        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    changed
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect()
+}
+
+/// PostgreSQL: the rows as ONE JSON document read by `jsonb_to_recordset`, so the upsert has the
+/// same text (one prepared statement per connection) whatever the batch size (see `sql`).
+/// Timestamps go as RFC 3339 cut to microseconds, PostgreSQL's precision, as a bound value is.
+fn document_source(rows: &[ContactRow]) -> Result<(String, Vec<SqlValue>), DbErr> {
+    let micros = |at: DateTime<Utc>| at.to_rfc3339_opts(SecondsFormat::Micros, true);
+    let document: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            json!({
+                "id": row.id,
+                "email": row.email,
+                "first_name": row.first_name,
+                "last_name": row.last_name,
+                "phone": row.phone,
+                "company": row.company,
+                "title": row.title,
+                "data": row.data,
+                "source_created_at": row.source_created_at.map(micros),
+                "source_updated_at": row.source_updated_at.map(micros),
+                "event_timestamp": micros(row.event_timestamp),
+                "last_event_id": row.last_event_id,
+                "deleted": row.deleted,
+                "deleted_at": row.deleted_at.map(micros),
+            })
+        })
+        .collect();
+    let document = serde_json::to_string(&document).map_err(|e| DbErr::Custom(e.to_string()))?;
+    let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    let typed: Vec<String> = COLUMNS.iter().map(|(n, t)| format!("{n} {t}")).collect();
+    // Contact-id order, bytewise like `greatest_per_contact`: the order rows are locked in.
+    let source = format!(
+        "SELECT {}, $2 FROM jsonb_to_recordset($1::jsonb) AS r({}) ORDER BY id COLLATE \"C\"",
+        names.join(", "),
+        typed.join(", "),
+    );
+    Ok((source, vec![document.into(), Utc::now().into()]))
+}
+
+/// Any other database (SQLite): `VALUES` with one row of placeholders per contact.
+fn values_source(rows: Vec<ContactRow>) -> (String, Vec<SqlValue>) {
     let now = Utc::now();
-    let mut values: Vec<SqlValue> = Vec::with_capacity(rows.len() * COLUMNS.len());
+    let width = COLUMNS.len() + 1;
+    let mut values: Vec<SqlValue> = Vec::with_capacity(rows.len() * width);
     let mut tuples = Vec::with_capacity(rows.len());
     for row in rows {
-        let first = values.len();
+        tuples.push(placeholders(values.len(), width));
         values.extend([
             row.id.into(),
             row.email.into(),
@@ -185,51 +269,8 @@ pub async fn apply<C: ConnectionTrait>(
             row.deleted_at.into(),
             now.into(),
         ]);
-        tuples.push(placeholders(first, COLUMNS.len()));
     }
-    // Event ids compare byte by byte, as Rust's `String` does (`greatest_per_contact`): a
-    // PostgreSQL column compares by its locale's collation, which orders ids differently.
-    let bytewise = match conn.get_database_backend() {
-        sea_orm::DatabaseBackend::Postgres => " COLLATE \"C\"",
-        _ => "", // SQLite compares text bytewise (BINARY) already
-    };
-    let version = |table: &str| {
-        format!(
-            "({table}.deleted, COALESCE({table}.source_updated_at, {table}.event_timestamp), \
-             {table}.event_timestamp, {table}.last_event_id{bytewise})"
-        )
-    };
-    let updates: Vec<String> = COLUMNS[1..]
-        .iter()
-        .map(|c| format!("{c} = excluded.{c}"))
-        .collect();
-    // Plain SQL both PostgreSQL and SQLite run (row values, ON CONFLICT ... WHERE, RETURNING).
-    let sql = format!(
-        "INSERT INTO contacts ({}) VALUES {} ON CONFLICT (id) DO UPDATE SET {} \
-         WHERE {} > {} RETURNING last_event_id",
-        COLUMNS.join(", "),
-        tuples.join(", "),
-        updates.join(", "),
-        version("excluded"),
-        version("contacts"),
-    );
-    let changed = conn
-        .query_all_raw(Statement::from_sql_and_values(
-            conn.get_database_backend(),
-            sql,
-            values,
-        ))
-        .await?;
-    changed
-        .iter()
-        .map(|row| row.try_get_by_index::<String>(0))
-        .collect()
-}
-
-/// `($first+1, ..., $first+n)`: `$n` placeholders, which PostgreSQL and SQLite both take.
-pub(crate) fn placeholders(first: usize, n: usize) -> String {
-    let list: Vec<String> = (first + 1..=first + n).map(|i| format!("${i}")).collect();
-    format!("({})", list.join(", "))
+    (format!("VALUES {}", tuples.join(", ")), values)
 }
 
 #[cfg(test)]

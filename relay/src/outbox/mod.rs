@@ -29,6 +29,7 @@ pub use backlog::{Backlog, PartitionView, TopicBacklog, backlog, refresh_backlog
 
 use crate::config::KafkaConfig;
 use crate::event::{ContactEvent, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
+use crate::sql::one_of;
 use crate::wakeup::NOTIFY_CHANNEL;
 
 /// An event to store or re-queue, as the outbox needs it.
@@ -321,7 +322,11 @@ pub async fn requeue_failed(
             Expr::value(Option::<String>::None),
         )
         .col_expr(webhook_event::Column::UpdatedAt, Expr::value(Utc::now()))
-        .filter(webhook_event::Column::Id.is_in(events.iter().map(|e| e.id)))
+        .filter(one_of(
+            txn.get_database_backend(),
+            webhook_event::Column::Id,
+            events.iter().map(|e| e.id),
+        ))
         .exec(&txn)
         .await?;
     let new: Vec<NewEvent<'_>> = events.iter().map(NewEvent::from).collect();
@@ -367,7 +372,7 @@ pub async fn mark_published<C: ConnectionTrait>(txn: &C, ids: Vec<i64>) -> Resul
     outbox::Entity::update_many()
         .col_expr(O::PublishedAt, Expr::value(Utc::now()))
         .col_expr(O::Attempts, incremented(O::Attempts))
-        .filter(O::Id.is_in(ids))
+        .filter(one_of(txn.get_database_backend(), O::Id, ids))
         .exec(txn)
         .await?;
     Ok(())
@@ -454,7 +459,7 @@ pub async fn republish_pending(
         .col_expr(O::NextAttemptAt, Expr::value(now))
         .col_expr(O::LastError, Expr::value(reason))
         .col_expr(O::Republished, incremented(O::Republished))
-        .filter(O::Id.is_in(due))
+        .filter(one_of(backend, O::Id, due))
         .exec(db)
         .await?;
     Ok(result.rows_affected)
