@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use api::Roles;
 use relay::bus::BusMessage;
+use relay::partitions::OffsetCommit;
 use relay::processor::{EventProcessor, Handled};
 use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::{Value, json};
@@ -473,38 +474,62 @@ async fn an_event_lost_on_the_bus_is_published_again_and_processed() {
     );
 }
 
+/// A migrated database behind ONE connection, with `seed` run on it: whatever a test reads from
+/// the session (statistics, prepared statements) is what the statements before it did.
+async fn one_connection_database(seed: &str) -> sea_orm::DatabaseConnection {
+    use migration::MigratorTrait;
+    let mut options = sea_orm::ConnectOptions::new(fresh_database().await);
+    options.max_connections(1).min_connections(1);
+    let db = sea_orm::Database::connect(options).await.expect("connect");
+    migration::Migrator::up(&db, None).await.expect("migrate");
+    db.execute_unprepared(seed).await.expect("seed");
+    db
+}
+
+/// A `contact.updated` message as the relay publishes it.
+fn update_message(event_id: String, contact_id: String, minute: u32) -> BusMessage {
+    let body = contact_event("contact.updated", &event_id, &contact_id, &at(minute));
+    BusMessage {
+        topic: "t".into(),
+        key: contact_id,
+        payload: body.to_string().into_bytes(),
+        headers: [("event-id".to_owned(), event_id)].into_iter().collect(),
+    }
+}
+
+/// Applies `batch` (with `offsets`) and commits; every event of it must be processed.
+async fn apply_all(
+    processor: &EventProcessor,
+    batch: &[BusMessage],
+    offsets: Option<&OffsetCommit>,
+) {
+    let applied = processor.apply_batch(batch, offsets).await.expect("apply");
+    assert!(
+        applied
+            .outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(Handled::Processed(_)))),
+        "every event of the batch is applied"
+    );
+    applied.commit().await.expect("commit");
+}
+
 /// The cost of applying a batch does not grow with the backlog: the batch's events are found by
 /// their unique id, never through the status index (which holds every pending event, and every
 /// dead version of one until a vacuum; a claim that ANDed it in took 30 ms a batch at 195k
 /// events and made processing fall behind for good in a 60 s run at 3000/s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applying_a_batch_never_scans_the_backlog() {
-    use migration::MigratorTrait;
-    let url = fresh_database().await;
-    // One connection: the counters read below are the ones the batch's statements moved.
-    let mut options = sea_orm::ConnectOptions::new(url);
-    options.max_connections(1).min_connections(1);
-    let db = sea_orm::Database::connect(options).await.expect("connect");
-    migration::Migrator::up(&db, None).await.expect("migrate");
-    db.execute_unprepared(
+    // A backlog of pending events.
+    let db = one_connection_database(
         "INSERT INTO webhook_events (event_id, event_type, contact_id, payload, status) \
          SELECT 'evt-' || n, 'contact.updated', 'c-' || (n % 500), '{}', 'pending' \
          FROM generate_series(1, 20000) AS n",
     )
-    .await
-    .expect("a backlog of pending events");
+    .await;
 
     let batch: Vec<BusMessage> = (1..=256)
-        .map(|n| {
-            let (event_id, contact_id) = (format!("evt-{n}"), format!("c-{}", n % 500));
-            let body = contact_event("contact.updated", &event_id, &contact_id, &at(n % 60));
-            BusMessage {
-                topic: "t".into(),
-                key: contact_id,
-                payload: body.to_string().into_bytes(),
-                headers: [("event-id".to_owned(), event_id)].into_iter().collect(),
-            }
-        })
+        .map(|n| update_message(format!("evt-{n}"), format!("c-{}", n % 500), n % 60))
         .collect();
     let status_index_scans = || async {
         // Flushes this backend's counters first (PostgreSQL 15+), then reads them.
@@ -520,18 +545,7 @@ async fn applying_a_batch_never_scans_the_backlog() {
     };
     let before = status_index_scans().await;
 
-    let applied = EventProcessor::new(db.clone())
-        .apply_batch(&batch, None)
-        .await
-        .expect("apply");
-    assert!(
-        applied
-            .outcomes
-            .iter()
-            .all(|o| matches!(o, Ok(Handled::Processed(_)))),
-        "every event of the batch is claimed"
-    );
-    applied.commit().await.expect("commit");
+    apply_all(&EventProcessor::new(db.clone()), &batch, None).await;
 
     assert_eq!(
         status_index_scans().await,
@@ -554,39 +568,23 @@ async fn applying_a_batch_never_scans_the_backlog() {
 /// kept by sqlx and by PostgreSQL: about 50 MB of a 115 MB peak after a minute at 3000 events/s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_batch_sizes_prepare_no_new_statements() {
-    use migration::MigratorTrait;
-    use relay::partitions::{OffsetCommit, TopicPartition, record_watermarks};
-    let url = fresh_database().await;
-    // One connection: every statement below is prepared on the session that counts them.
-    let mut options = sea_orm::ConnectOptions::new(url);
-    options.max_connections(1).min_connections(1);
-    let db = sea_orm::Database::connect(options).await.expect("connect");
-    migration::Migrator::up(&db, None).await.expect("migrate");
-    db.execute_unprepared(
+    use relay::partitions::{TopicPartition, record_watermarks};
+    // Pending events and partitions this member owns.
+    let db = one_connection_database(
         "INSERT INTO webhook_events (event_id, event_type, contact_id, payload, status) \
          SELECT 'evt-' || n, 'contact.updated', 'c-' || n, '{}', 'pending' \
          FROM generate_series(1, 100) AS n; \
          INSERT INTO consumer_partitions (group_id, topic, partition, owner) \
          SELECT 'g', 't', p, 'me' FROM generate_series(0, 11) AS p",
     )
-    .await
-    .expect("pending events and owned partitions");
+    .await;
 
     let processor = EventProcessor::new(db.clone());
     let mut next_event = 1;
     let mut apply_batches_of = async |sizes: std::ops::RangeInclusive<usize>| {
         for size in sizes {
             let batch: Vec<BusMessage> = (next_event..next_event + size)
-                .map(|n| {
-                    let (event_id, contact_id) = (format!("evt-{n}"), format!("c-{n}"));
-                    let body = contact_event("contact.updated", &event_id, &contact_id, &at(1));
-                    BusMessage {
-                        topic: "t".into(),
-                        key: contact_id,
-                        payload: body.to_string().into_bytes(),
-                        headers: [("event-id".to_owned(), event_id)].into_iter().collect(),
-                    }
-                })
+                .map(|n| update_message(format!("evt-{n}"), format!("c-{n}"), 1))
                 .collect();
             next_event += size;
             let partitions: Vec<TopicPartition> = (0..size as i32)
@@ -600,18 +598,7 @@ async fn new_batch_sizes_prepare_no_new_statements() {
                 owner: "me".into(),
                 next: partitions.iter().map(|tp| (tp.clone(), 1)).collect(),
             };
-            let applied = processor
-                .apply_batch(&batch, Some(&offsets))
-                .await
-                .expect("apply");
-            assert!(
-                applied
-                    .outcomes
-                    .iter()
-                    .all(|o| matches!(o, Ok(Handled::Processed(_)))),
-                "every event of the batch is applied"
-            );
-            applied.commit().await.expect("commit");
+            apply_all(&processor, &batch, Some(&offsets)).await;
             let watermarks: Vec<(TopicPartition, i64)> =
                 partitions.into_iter().map(|tp| (tp, 5)).collect();
             record_watermarks(&db, "g", &watermarks)
