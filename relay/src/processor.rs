@@ -92,13 +92,16 @@ fn parse(message: &BusMessage) -> Parsed {
             };
         }
     };
-    match ContactChange::from_payload(&payload) {
+    let header_id = message.header(HEADER_EVENT_ID);
+    // The payload's own id names the event when the header is missing and the payload fails.
+    let payload_id = header_id
+        .is_none()
+        .then(|| payload.get("id").and_then(Value::as_str).map(str::to_owned))
+        .flatten();
+    match ContactChange::from_payload(payload) {
         Ok(change) => Parsed::Change(change),
         Err(unappliable) => Parsed::Unappliable {
-            event_id: message
-                .header(HEADER_EVENT_ID)
-                .or_else(|| payload.get("id").and_then(Value::as_str))
-                .map(str::to_owned),
+            event_id: header_id.map(str::to_owned).or(payload_id),
             reason: unappliable,
         },
     }

@@ -9,8 +9,9 @@
 //! it was deleted, so it does not depend on which version happened to arrive before the delete.
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement, Value as SqlValue};
+use serde::{Serialize, Serializer};
 use serde_json::{Value, json};
 
 use crate::error::Unappliable;
@@ -26,8 +27,8 @@ pub type Version = (bool, DateTime<Utc>, DateTime<Utc>, String);
 
 impl ContactEvent {
     /// Reads a stored event payload with the webhook's parser.
-    pub fn from_payload(payload: &Value) -> Result<Self, Unappliable> {
-        Self::parse(payload.clone()).map_err(|errors| {
+    pub fn from_payload(payload: Value) -> Result<Self, Unappliable> {
+        Self::parse(payload).map_err(|errors| {
             let fields: Vec<String> = errors
                 .iter()
                 .map(|e| format!("{} {}", e.field, e.message))
@@ -84,8 +85,9 @@ impl ContactEvent {
     }
 }
 
-/// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`).
-#[derive(Debug, Clone, PartialEq)]
+/// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`). On
+/// PostgreSQL it travels as one object of the upsert's JSON document, named by column.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ContactRow {
     pub id: String,
     pub email: Option<String>,
@@ -95,11 +97,15 @@ pub struct ContactRow {
     pub company: Option<String>,
     pub title: Option<String>,
     pub data: Value,
+    #[serde(serialize_with = "micros_or_null")]
     pub source_created_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "micros_or_null")]
     pub source_updated_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "micros")]
     pub event_timestamp: DateTime<Utc>,
     pub last_event_id: String,
     pub deleted: bool,
+    #[serde(serialize_with = "micros_or_null")]
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
@@ -208,31 +214,8 @@ pub async fn apply<C: ConnectionTrait>(
 
 /// PostgreSQL: the rows as ONE JSON document read by `jsonb_to_recordset`, so the upsert has the
 /// same text (one prepared statement per connection) whatever the batch size (see `sql`).
-/// Timestamps go as RFC 3339 cut to microseconds, PostgreSQL's precision, as a bound value is.
 fn document_source(rows: &[ContactRow]) -> Result<(String, Vec<SqlValue>), DbErr> {
-    let micros = |at: DateTime<Utc>| at.to_rfc3339_opts(SecondsFormat::Micros, true);
-    let document: Vec<Value> = rows
-        .iter()
-        .map(|row| {
-            json!({
-                "id": row.id,
-                "email": row.email,
-                "first_name": row.first_name,
-                "last_name": row.last_name,
-                "phone": row.phone,
-                "company": row.company,
-                "title": row.title,
-                "data": row.data,
-                "source_created_at": row.source_created_at.map(micros),
-                "source_updated_at": row.source_updated_at.map(micros),
-                "event_timestamp": micros(row.event_timestamp),
-                "last_event_id": row.last_event_id,
-                "deleted": row.deleted,
-                "deleted_at": row.deleted_at.map(micros),
-            })
-        })
-        .collect();
-    let document = serde_json::to_string(&document).map_err(|e| DbErr::Custom(e.to_string()))?;
+    let document = serde_json::to_string(rows).map_err(|e| DbErr::Custom(e.to_string()))?;
     let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
     let typed: Vec<String> = COLUMNS.iter().map(|(n, t)| format!("{n} {t}")).collect();
     // Contact-id order, bytewise like `greatest_per_contact`: the order rows are locked in.
@@ -242,6 +225,20 @@ fn document_source(rows: &[ContactRow]) -> Result<(String, Vec<SqlValue>), DbErr
         typed.join(", "),
     );
     Ok((source, vec![document.into(), Utc::now().into()]))
+}
+
+/// A time in the upsert's document: RFC 3339 cut to microseconds, PostgreSQL's precision, as a
+/// bound value is.
+fn micros<S: Serializer>(at: &DateTime<Utc>, to: S) -> Result<S::Ok, S::Error> {
+    to.collect_str(&at.format("%Y-%m-%dT%H:%M:%S%.6fZ"))
+}
+
+/// [`micros`], or `null`.
+fn micros_or_null<S: Serializer>(at: &Option<DateTime<Utc>>, to: S) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(at) => micros(at, to),
+        None => to.serialize_none(),
+    }
 }
 
 /// Any other database (SQLite): `VALUES` with one row of placeholders per contact.
@@ -286,7 +283,7 @@ mod tests {
         if let Some(m) = updated_minute {
             data["updatedAt"] = json!(at(m));
         }
-        ContactChange::from_payload(&json!({
+        ContactChange::from_payload(json!({
             "id": id, "event": event, "timestamp": at(ts_minute), "data": data,
         }))
         .expect("valid")

@@ -102,7 +102,7 @@ async fn any_order_duplication_and_batching_of_a_contacts_events_gives_the_same_
                 for (i, e) in events.iter().enumerate() {
                     let event_id = format!("{contact_id}-e{i}");
                     let body = payload(&contact_id, &event_id, e);
-                    changes.push(ContactChange::from_payload(&body).expect("valid"));
+                    changes.push(ContactChange::from_payload(body.clone()).expect("valid"));
                     webhook_event::Entity::insert(webhook_event::ActiveModel {
                         event_id: Set(event_id.clone()),
                         event_type: Set(changes.last().expect("parsed").event_type),
