@@ -8,6 +8,7 @@
 //! A tombstone erases the personal fields and keeps only the contact id, when and by which event
 //! it was deleted, so it does not depend on which version happened to arrive before the delete.
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement, Value as SqlValue};
@@ -172,10 +173,21 @@ pub async fn apply<C: ConnectionTrait>(
         return Ok(BTreeSet::new());
     }
     let backend = conn.get_database_backend();
-    let (source, values) = match backend {
-        DatabaseBackend::Postgres => document_source(&rows)?,
-        _ => values_source(rows),
+    let (sql, values) = match backend {
+        DatabaseBackend::Postgres => (POSTGRES_UPSERT.clone(), document_values(&rows)?),
+        _ => values_upsert(backend, rows),
     };
+    let changed = conn
+        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    changed
+        .iter()
+        .map(|row| row.try_get_by_index::<String>(0))
+        .collect()
+}
+
+/// The upsert of `apply`, reading its rows from `source` (a `VALUES` list or a `SELECT`).
+fn upsert_sql(backend: DatabaseBackend, source: &str) -> String {
     // Event ids compare byte by byte, as Rust's `String` does (`greatest_per_contact`): a
     // PostgreSQL column compares by its locale's collation, which orders ids differently.
     let bytewise = match backend {
@@ -188,43 +200,41 @@ pub async fn apply<C: ConnectionTrait>(
              {table}.event_timestamp, {table}.last_event_id{bytewise})"
         )
     };
-    let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    let names = COLUMNS.map(|(name, _)| name);
     let updates: Vec<String> = names[1..]
         .iter()
         .chain(&["updated_at"])
         .map(|c| format!("{c} = excluded.{c}"))
         .collect();
     // Row values, ON CONFLICT ... WHERE and RETURNING: PostgreSQL and SQLite run both.
-    let sql = format!(
+    format!(
         "INSERT INTO contacts ({}, updated_at) {source} ON CONFLICT (id) DO UPDATE SET {} \
          WHERE {} > {} RETURNING last_event_id",
         names.join(", "),
         updates.join(", "),
         version("excluded"),
         version("contacts"),
-    );
-    let changed = conn
-        .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
-        .await?;
-    changed
-        .iter()
-        .map(|row| row.try_get_by_index::<String>(0))
-        .collect()
+    )
 }
 
-/// PostgreSQL: the rows as ONE JSON document read by `jsonb_to_recordset`, so the upsert has the
-/// same text (one prepared statement per connection) whatever the batch size (see `sql`).
-fn document_source(rows: &[ContactRow]) -> Result<(String, Vec<SqlValue>), DbErr> {
-    let document = serde_json::to_string(rows).map_err(|e| DbErr::Custom(e.to_string()))?;
-    let names: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
-    let typed: Vec<String> = COLUMNS.iter().map(|(n, t)| format!("{n} {t}")).collect();
-    // Contact-id order, bytewise like `greatest_per_contact`: the order rows are locked in.
+/// PostgreSQL's upsert, built once: $1 the rows as ONE JSON document read by
+/// `jsonb_to_recordset`, $2 the time, so it has one text (one prepared statement per
+/// connection) whatever the batch size (see `sql`). Rows go in contact-id order, bytewise like
+/// `greatest_per_contact`: the order they are locked in.
+static POSTGRES_UPSERT: LazyLock<String> = LazyLock::new(|| {
+    let typed = COLUMNS.map(|(name, pg_type)| format!("{name} {pg_type}"));
     let source = format!(
         "SELECT {}, $2 FROM jsonb_to_recordset($1::jsonb) AS r({}) ORDER BY id COLLATE \"C\"",
-        names.join(", "),
+        COLUMNS.map(|(name, _)| name).join(", "),
         typed.join(", "),
     );
-    Ok((source, vec![document.into(), Utc::now().into()]))
+    upsert_sql(DatabaseBackend::Postgres, &source)
+});
+
+/// The parameters of [`POSTGRES_UPSERT`].
+fn document_values(rows: &[ContactRow]) -> Result<Vec<SqlValue>, DbErr> {
+    let document = serde_json::to_string(rows).map_err(|e| DbErr::Custom(e.to_string()))?;
+    Ok(vec![document.into(), Utc::now().into()])
 }
 
 /// A time in the upsert's document: RFC 3339 cut to microseconds, PostgreSQL's precision, as a
@@ -241,8 +251,9 @@ fn micros_or_null<S: Serializer>(at: &Option<DateTime<Utc>>, to: S) -> Result<S:
     }
 }
 
-/// Any other database (SQLite): `VALUES` with one row of placeholders per contact.
-fn values_source(rows: Vec<ContactRow>) -> (String, Vec<SqlValue>) {
+/// Any other database (SQLite): the upsert over `VALUES` with one row of placeholders per
+/// contact, and its parameters.
+fn values_upsert(backend: DatabaseBackend, rows: Vec<ContactRow>) -> (String, Vec<SqlValue>) {
     let now = Utc::now();
     let width = COLUMNS.len() + 1;
     let mut values: Vec<SqlValue> = Vec::with_capacity(rows.len() * width);
@@ -267,7 +278,8 @@ fn values_source(rows: Vec<ContactRow>) -> (String, Vec<SqlValue>) {
             now.into(),
         ]);
     }
-    (format!("VALUES {}", tuples.join(", ")), values)
+    let source = format!("VALUES {}", tuples.join(", "));
+    (upsert_sql(backend, &source), values)
 }
 
 #[cfg(test)]
