@@ -23,7 +23,8 @@ use crate::event::{HEADER_ERROR, HEADER_EVENT_ID};
 use crate::kafka::KafkaPublisher;
 use crate::metric_names as names;
 use crate::partitions::{
-    GroupHealth, Membership, OffsetCommit, TopicPartition, partition_states, record_watermarks,
+    GroupHealth, HealthWatch, Membership, OffsetCommit, TopicPartition, partition_states,
+    record_watermarks,
 };
 use crate::processor::{BatchError, EventProcessor, Outcome};
 
@@ -445,6 +446,7 @@ impl KafkaEventConsumer {
                 .map(|m| m.membership.member_id().to_owned())
                 .collect(),
             health: Arc::default(),
+            watch: Arc::default(),
         }
     }
 }
@@ -544,6 +546,7 @@ pub struct LagReporter {
     kafka: KafkaConfig,
     members: Vec<String>,
     health: Arc<std::sync::Mutex<Option<GroupHealth>>>,
+    watch: Arc<std::sync::Mutex<HealthWatch>>,
 }
 
 impl LagReporter {
@@ -584,7 +587,11 @@ impl LagReporter {
         }
         match partition_states(&self.db).await {
             Ok(states) => {
-                let health = GroupHealth::of(&states, &self.members);
+                let health = self.watch.lock().unwrap_or_else(|e| e.into_inner()).check(
+                    &states,
+                    &self.members,
+                    Instant::now(),
+                );
                 metrics::gauge!(names::CONSUMER_PARTITIONS_STALLED)
                     .set(health.stalled.len() as f64);
                 if !health.healthy() {

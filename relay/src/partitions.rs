@@ -15,6 +15,7 @@
 //! back what it holds above that.
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -434,11 +435,47 @@ impl GroupHealth {
     /// it is stalled.
     pub const STALL_AFTER_SECS: f64 = 30.0;
 
-    /// The health seen by a process whose group members are `members`.
-    pub fn of(states: &[PartitionState], members: &[String]) -> Self {
+    pub fn healthy(&self) -> bool {
+        self.unowned.is_empty() && self.stalled.is_empty()
+    }
+}
+
+/// Turns successive readings of the partition states into a [`GroupHealth`]. A partition is
+/// briefly without an owner in normal work: a member creates its row and locks it in the next
+/// statement, a member gives it back and another takes it at its next rebalance tick (well under
+/// a second). So a partition counts as unowned only once it has been seen unowned for
+/// [`HealthWatch::UNOWNED_AFTER`] without a break; a reading that finds it owned starts over.
+#[derive(Debug, Default)]
+pub struct HealthWatch {
+    unowned_since: BTreeMap<String, Instant>,
+}
+
+impl HealthWatch {
+    /// How long a partition must stay unowned to be reported (a dead member's partitions are
+    /// taken in under a second; this is well above that and well under the 15 s in which an
+    /// orphaned partition must be consumed again).
+    pub const UNOWNED_AFTER: Duration = Duration::from_secs(10);
+
+    /// The health seen at `now` by a process whose group members are `members`.
+    pub fn check(
+        &mut self,
+        states: &[PartitionState],
+        members: &[String],
+        now: Instant,
+    ) -> GroupHealth {
         let name = |s: &PartitionState| format!("{}[{}]", s.topic, s.partition);
-        Self {
-            unowned: states.iter().filter(|s| !s.owned).map(name).collect(),
+        let unowned_now: BTreeSet<String> = states.iter().filter(|s| !s.owned).map(name).collect();
+        self.unowned_since
+            .retain(|partition, _| unowned_now.contains(partition));
+        let unowned = unowned_now
+            .into_iter()
+            .filter(|partition| {
+                let since = *self.unowned_since.entry(partition.clone()).or_insert(now);
+                now.duration_since(since) >= Self::UNOWNED_AFTER
+            })
+            .collect();
+        GroupHealth {
+            unowned,
             stalled: states
                 .iter()
                 .filter(|s| {
@@ -447,15 +484,11 @@ impl GroupHealth {
                             .as_ref()
                             .is_some_and(|owner| members.contains(owner))
                         && s.lag().unwrap_or(0) > 0
-                        && s.idle_secs.unwrap_or(0.0) > Self::STALL_AFTER_SECS
+                        && s.idle_secs.unwrap_or(0.0) > GroupHealth::STALL_AFTER_SECS
                 })
                 .map(name)
                 .collect(),
         }
-    }
-
-    pub fn healthy(&self) -> bool {
-        self.unowned.is_empty() && self.stalled.is_empty()
     }
 }
 
@@ -507,6 +540,45 @@ mod tests {
         assert_eq!(group_key("acme-webhooks"), group_key("acme-webhooks"));
         assert_ne!(group_key("a"), group_key("b"));
         assert!(group_key("anything") >= 0);
+    }
+
+    fn state(partition: i32, owner: Option<&str>, owned: bool) -> PartitionState {
+        PartitionState {
+            topic: "t.contact.created".into(),
+            partition,
+            next_offset: Some(5),
+            high_watermark: Some(5),
+            owned,
+            owner: owner.map(Into::into),
+            idle_secs: Some(1.0),
+        }
+    }
+
+    #[test]
+    fn a_partition_between_owners_is_not_reported_one_left_unowned_is() {
+        let members = ["m1".to_owned()];
+        let mut watch = HealthWatch::default();
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let both_free = [state(0, None, false), state(1, Some("gone"), false)];
+        let one_taken = [state(0, Some("m1"), true), state(1, Some("gone"), false)];
+
+        // A member that just created the rows and has not locked them yet: healthy.
+        assert!(watch.check(&both_free, &members, at(0)).healthy());
+        // Partition 0 is taken; partition 1 stays free past the grace and is named.
+        assert!(watch.check(&one_taken, &members, at(5)).healthy());
+        let health = watch.check(&one_taken, &members, at(10));
+        assert_eq!(health.unowned, ["t.contact.created[1]"]);
+        assert!(health.stalled.is_empty());
+        // Partition 0 released again: its clock starts over, so only partition 1 is named.
+        let health = watch.check(&both_free, &members, at(12));
+        assert_eq!(health.unowned, ["t.contact.created[1]"]);
+        // Once taken, partition 1 is healthy at once.
+        let taken = [state(0, Some("m1"), true), state(1, Some("m1"), true)];
+        assert!(watch.check(&taken, &members, at(13)).healthy());
+        // A free spell after that is a new one: not reported before its own grace.
+        assert!(watch.check(&both_free, &members, at(20)).healthy());
+        assert_eq!(watch.check(&both_free, &members, at(30)).unowned.len(), 2);
     }
 
     #[test]

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use api::Roles;
+use sea_orm::ConnectionTrait;
+use serde_json::Value;
 
 use crate::process::{ServiceProcess, post_until_stopped};
 use crate::support::*;
@@ -173,4 +175,78 @@ async fn a_joining_consumer_gets_its_share() {
         )
         .await;
     drop(second);
+}
+
+/// A consume process's `/readyz` names a partition nobody consumes, once it has stayed so for
+/// the grace that covers a hand-over between members (and a member's own start), and is ready
+/// again once the partition is gone or owned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_names_a_partition_left_without_a_consumer() {
+    let app = TestApp::with_kafka().await;
+    let readiness = || async {
+        let response = app
+            .client
+            .get(app.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.expect("a JSON body"))
+    };
+    wait_until("readiness", 200, Duration::from_secs(30), || async {
+        readiness().await.0
+    })
+    .await;
+
+    // A partition of the group on a topic no member consumes: nobody will ever take it.
+    let orphan = format!("{}.contact.archived", app.config.kafka.topic_prefix);
+    let group = &app.config.kafka.group_id;
+    app.db
+        .execute_unprepared(&format!(
+            "INSERT INTO consumer_partitions (group_id, topic, partition) \
+             VALUES ('{group}', '{orphan}', 0)"
+        ))
+        .await
+        .expect("insert the orphan partition");
+    let inserted = Instant::now();
+
+    // Within the grace it counts as a partition between owners: still ready.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(readiness().await.0, 200, "ready during the grace");
+
+    wait_until("readiness", 503, Duration::from_secs(30), || async {
+        readiness().await.0
+    })
+    .await;
+    assert!(
+        inserted.elapsed() >= relay::partitions::HealthWatch::UNOWNED_AFTER,
+        "reported after {:?}",
+        inserted.elapsed()
+    );
+    let (_, body) = readiness().await;
+    let consumer = body["dependencies"]
+        .as_array()
+        .expect("dependencies")
+        .iter()
+        .find(|d| d["name"] == "consumer")
+        .cloned()
+        .expect("a consumer dependency");
+    assert_eq!(consumer["up"], false, "{body}");
+    let error = consumer["error"].as_str().expect("an error");
+    assert!(error.contains(&format!("{orphan}[0]")), "{error}");
+    assert!(
+        !error.contains(".contact.created["),
+        "only the orphan is named: {error}"
+    );
+
+    app.db
+        .execute_unprepared(&format!(
+            "DELETE FROM consumer_partitions WHERE topic = '{orphan}'"
+        ))
+        .await
+        .expect("delete the orphan partition");
+    wait_until("readiness", 200, Duration::from_secs(30), || async {
+        readiness().await.0
+    })
+    .await;
 }
