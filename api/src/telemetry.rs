@@ -163,6 +163,14 @@ pub fn register_metrics(roles: Roles) {
             names::CONSUMER_RETRIES_TOTAL,
             "transient processing failures retried"
         );
+        describe_counter!(
+            names::CONSUMER_REFETCHES_TOTAL,
+            "seeks back because the broker served a partition past the offset asked for"
+        );
+        describe_counter!(
+            names::CONSUMER_OFFSETS_MISSING_TOTAL,
+            "offsets the broker never served that the consumer went past"
+        );
         describe_gauge!(
             names::CONSUMER_PARTITIONS_STALLED,
             "partitions of this consumer with messages waiting that have not moved for 30 s"
@@ -172,6 +180,8 @@ pub fn register_metrics(roles: Roles) {
             names::CONSUMER_FAILED_TOTAL,
             names::CONSUMER_DEAD_LETTERED_TOTAL,
             names::CONSUMER_RETRIES_TOTAL,
+            names::CONSUMER_REFETCHES_TOTAL,
+            names::CONSUMER_OFFSETS_MISSING_TOTAL,
         ] {
             metrics::counter!(counter).increment(0);
         }

@@ -79,6 +79,10 @@ pub const CONSUMER_FAILED_TOTAL: &str = "consumer_failed_total";
 pub const CONSUMER_DEAD_LETTERED_TOTAL: &str = "consumer_dead_lettered_total";
 /// Counter: transient processing failures retried.
 pub const CONSUMER_RETRIES_TOTAL: &str = "consumer_retries_total";
+/// Counter: seeks back because the broker served a partition past the offset asked for.
+pub const CONSUMER_REFETCHES_TOTAL: &str = "consumer_refetches_total";
+/// Counter: offsets the broker never served that a consumer went past (gaps accepted).
+pub const CONSUMER_OFFSETS_MISSING_TOTAL: &str = "consumer_offsets_missing_total";
 /// Histogram: messages per applied batch.
 pub const CONSUMER_BATCH_SIZE: &str = "consumer_batch_size";
 /// Gauge `{member}`: partitions a member holds.
