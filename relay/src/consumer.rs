@@ -214,16 +214,7 @@ impl Position {
             self.aligned = true;
             return Admit::Skip; // admitted already
         }
-        if offset == self.next || (!self.aligned && self.probe > self.next) {
-            if offset != self.next {
-                tracing::warn!(
-                    expected = self.next,
-                    offset,
-                    "offsets missing from the log's beginning on; going on"
-                );
-                metrics::counter!(names::CONSUMER_OFFSETS_MISSING_TOTAL)
-                    .increment(u64::try_from(offset - self.next).unwrap_or(0));
-            }
+        if offset == self.next {
             return self.process(offset);
         }
         if self.aligned {
@@ -231,17 +222,25 @@ impl Position {
             if now.duration_since(since) < Self::GAP_PATIENCE {
                 return Admit::SeekBack(self.next);
             }
-            tracing::warn!(
-                expected = self.next,
-                offset,
-                "offsets missing from the log; going on"
-            );
-            metrics::counter!(names::CONSUMER_OFFSETS_MISSING_TOTAL)
-                .increment(u64::try_from(offset - self.next).unwrap_or(0));
-            return self.process(offset);
+            return self.accept_gap(offset);
+        }
+        if self.probe > self.next {
+            return self.accept_gap(offset); // sought back to the log's beginning already
         }
         self.probe = (self.probe * 2).max(1);
         Admit::SeekBack((self.next - self.probe).max(0))
+    }
+
+    /// Takes `offset` although the broker never served the offsets from `next` to it.
+    fn accept_gap(&mut self, offset: i64) -> Admit {
+        tracing::warn!(
+            expected = self.next,
+            offset,
+            "offsets missing from the log; going on"
+        );
+        metrics::counter!(names::CONSUMER_OFFSETS_MISSING_TOTAL)
+            .increment(u64::try_from(offset - self.next).unwrap_or(0));
+        self.process(offset)
     }
 
     fn process(&mut self, offset: i64) -> Admit {

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use api::Roles;
 use sea_orm::ConnectionTrait;
-use serde_json::Value;
 
 use crate::process::{ServiceProcess, post_until_stopped};
 use crate::support::*;
@@ -183,24 +182,11 @@ async fn a_joining_consumer_gets_its_share() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_names_a_partition_left_without_a_consumer() {
     let app = TestApp::with_kafka().await;
-    // `/readyz`'s status and its `consumer` dependency (`up`, `error`).
+    // `/readyz`'s status and its `consumer` dependency (`up`, `error`; none before the
+    // consumer's first health reading).
     let readiness = || async {
-        let response = app
-            .client
-            .get(app.url("/readyz"))
-            .send()
-            .await
-            .expect("readyz");
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.expect("a JSON body");
-        let consumer = body["dependencies"]
-            .as_array()
-            .expect("dependencies")
-            .iter()
-            .find(|d| d["name"] == "consumer")
-            .cloned()
-            .unwrap_or_default(); // none before the consumer's first health reading
-        (status, consumer)
+        let (status, body) = app.readiness().await;
+        (status, dependency(&body, "consumer"))
     };
     let consumer_up = || async { readiness().await.1["up"] == true };
     wait_until("consumer up", true, Duration::from_secs(30), consumer_up).await;

@@ -134,30 +134,14 @@ async fn readiness_follows_the_broker() {
     let mut config = test_config(&url);
     config.kafka.brokers = Some(broker.brokers());
     let app = TestApp::start(config, Roles::HTTP).await;
-    let ready = |app: &TestApp| {
-        let request = app.client.get(app.url("/readyz"));
-        async move {
-            let response = request.send().await.expect("readyz");
-            (
-                response.status().as_u16(),
-                response.json::<Value>().await.expect("json"),
-            )
-        }
-    };
-    assert_eq!(ready(&app).await.0, 200);
+    assert_eq!(app.readiness().await.0, 200);
     broker.stop();
-    let (status, body) = ready(&app).await;
+    let (status, body) = app.readiness().await;
     assert_eq!(status, 503);
-    let kafka = body["dependencies"]
-        .as_array()
-        .expect("deps")
-        .iter()
-        .find(|d| d["name"] == "kafka")
-        .cloned()
-        .expect("kafka");
+    let kafka = dependency(&body, "kafka");
     assert_eq!(kafka["up"], false);
     broker.restart();
-    assert_eq!(ready(&app).await.0, 200);
+    assert_eq!(app.readiness().await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -160,6 +160,18 @@ impl TestApp {
         wait_for_count(&self.db, sql, expected, timeout).await;
     }
 
+    /// `GET /readyz`: its status and its body.
+    pub async fn readiness(&self) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .expect("readyz");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON body"))
+    }
+
     pub async fn stop(&mut self) {
         if let Some(service) = self.service.take() {
             service.stop().await;
@@ -371,4 +383,13 @@ pub async fn read_topics(
         });
     }
     messages
+}
+
+/// The dependency `name` of a `/readyz` body (`up`, `error`), `Null` when it is not listed.
+pub fn dependency(readiness: &Value, name: &str) -> Value {
+    readiness["dependencies"]
+        .as_array()
+        .and_then(|dependencies| dependencies.iter().find(|d| d["name"] == name))
+        .cloned()
+        .unwrap_or_default()
 }
