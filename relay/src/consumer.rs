@@ -306,12 +306,18 @@ impl KafkaEventConsumer {
             batch.clear();
             let mut next: BTreeMap<TopicPartition, i64> = BTreeMap::new();
             let mut seeks: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+            let fetched_at = Instant::now();
             let mut received = Some(first);
             while let Some(result) = received.take() {
                 match result {
-                    Ok(message) => {
-                        admit(&message, &mut positions, &mut batch, &mut next, &mut seeks)
-                    }
+                    Ok(message) => admit(
+                        &message,
+                        fetched_at,
+                        &mut positions,
+                        &mut batch,
+                        &mut next,
+                        &mut seeks,
+                    ),
                     Err(error) => {
                         tracing::warn!(%error, "consumer error");
                         break;
@@ -342,13 +348,7 @@ impl KafkaEventConsumer {
             )
             .await;
             match end {
-                BatchEnd::Committed => {
-                    for (tp, offset) in offsets.next {
-                        if let Some(position) = positions.get_mut(&tp) {
-                            position.next = position.next.max(offset);
-                        }
-                    }
-                }
+                BatchEnd::Committed => {} // `admit` moved the positions already
                 BatchEnd::Fenced => self.reset(&mut positions),
                 BatchEnd::Shutdown => break, // uncommitted: applied after the restart
             }
@@ -490,7 +490,6 @@ impl KafkaEventConsumer {
                 .iter()
                 .map(|m| m.membership.member_id().to_owned())
                 .collect(),
-            health: Arc::default(),
             watch: Arc::default(),
         }
     }
@@ -499,6 +498,7 @@ impl KafkaEventConsumer {
 /// Decides about one fetched message; a processed one joins `batch` and moves `next`.
 fn admit(
     message: &BorrowedMessage<'_>,
+    fetched_at: Instant,
     positions: &mut HashMap<TopicPartition, Position>,
     batch: &mut Vec<BusMessage>,
     next: &mut BTreeMap<TopicPartition, i64>,
@@ -514,7 +514,7 @@ fn admit(
     let Some(position) = positions.get_mut(&tp) else {
         return; // a partition given back; its new owner reads it
     };
-    match position.admit(message.offset(), Instant::now()) {
+    match position.admit(message.offset(), fetched_at) {
         Admit::Process => {
             batch.push(to_bus_message(message));
             next.insert(tp, message.offset() + 1);
@@ -590,17 +590,17 @@ pub struct LagReporter {
     db: DatabaseConnection,
     kafka: KafkaConfig,
     members: Vec<String>,
-    health: Arc<std::sync::Mutex<Option<GroupHealth>>>,
     watch: Arc<std::sync::Mutex<HealthWatch>>,
 }
 
 impl LagReporter {
     /// The health found by the last `report` (`None` before the first).
     pub fn health(&self) -> Option<GroupHealth> {
-        self.health
+        self.watch
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .last()
+            .cloned()
     }
 
     /// Records the watermarks, then checks and logs the group's health (a WARN line when a
@@ -643,7 +643,6 @@ impl LagReporter {
                     tracing::warn!(unowned = ?health.unowned, stalled = ?health.stalled,
                         "consumer health: partitions not being consumed");
                 }
-                *self.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(health);
             }
             Err(error) => tracing::debug!(%error, "could not read partition states"),
         }

@@ -448,6 +448,7 @@ impl GroupHealth {
 #[derive(Debug, Default)]
 pub struct HealthWatch {
     unowned_since: BTreeMap<String, Instant>,
+    last: Option<GroupHealth>,
 }
 
 impl HealthWatch {
@@ -456,7 +457,12 @@ impl HealthWatch {
     /// orphaned partition must be consumed again).
     pub const UNOWNED_AFTER: Duration = Duration::from_secs(10);
 
-    /// The health seen at `now` by a process whose group members are `members`.
+    /// The health found by the last `check` (`None` before the first).
+    pub fn last(&self) -> Option<&GroupHealth> {
+        self.last.as_ref()
+    }
+
+    /// The health seen at `now` by a process whose group members are `members`; kept as `last`.
     pub fn check(
         &mut self,
         states: &[PartitionState],
@@ -474,7 +480,7 @@ impl HealthWatch {
                 now.duration_since(since) >= Self::UNOWNED_AFTER
             })
             .collect();
-        GroupHealth {
+        let health = GroupHealth {
             unowned,
             stalled: states
                 .iter()
@@ -488,7 +494,9 @@ impl HealthWatch {
                 })
                 .map(name)
                 .collect(),
-        }
+        };
+        self.last = Some(health.clone());
+        health
     }
 }
 
