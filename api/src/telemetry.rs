@@ -161,7 +161,11 @@ pub fn register_metrics(roles: Roles) {
         );
         describe_counter!(
             names::CONSUMER_RETRIES_TOTAL,
-            "transient processing failures retried"
+            "failed batch attempts retried"
+        );
+        describe_gauge!(
+            names::CONSUMER_BATCH_FAILED_ATTEMPTS,
+            "failed attempts in a row of the batch a partition waits on, by database error class"
         );
         describe_counter!(
             names::CONSUMER_REFETCHES_TOTAL,

@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::BusMessage;
 use crate::config::{ConsumerConfig, KafkaConfig, backoff};
+use crate::error::ErrorClass;
 use crate::event::{HEADER_ERROR, HEADER_EVENT_ID};
 use crate::kafka::KafkaPublisher;
 use crate::metric_names as names;
@@ -26,7 +27,7 @@ use crate::partitions::{
     GroupHealth, HealthWatch, Membership, OffsetCommit, TopicPartition, partition_states,
     record_watermarks,
 };
-use crate::processor::{BatchError, EventProcessor, Outcome};
+use crate::processor::{Apply, BatchError, EventProcessor, ISOLATE_AFTER, Outcome};
 
 /// How applying a batch ended.
 enum BatchEnd {
@@ -40,7 +41,10 @@ enum BatchEnd {
 
 /// Applies `messages` until committed: transient failures retry the whole batch with backoff;
 /// messages that can never be applied are marked `failed` and handed to `dead_letter` before
-/// the commit (so a crash re-sends a dead letter rather than losing it).
+/// the commit (so a crash re-sends a dead letter rather than losing it). A batch the database
+/// refuses for its data ([`ErrorClass::is_poison`]), or that fails the same way
+/// [`ISOLATE_AFTER`] times, is applied again one message at a time, so that one poison message
+/// is failed and the rest go through in the same pass.
 async fn apply_until_committed<F, Fut>(
     processor: &EventProcessor,
     messages: &[BusMessage],
@@ -54,8 +58,10 @@ where
     Fut: Future<Output = Option<()>>,
 {
     let mut attempt = 0u32;
+    let mut how = Apply::Whole;
+    let mut stall = Stall::new(messages, offsets);
     loop {
-        let error = match processor.apply_batch(messages, offsets).await {
+        let error = match processor.apply_batch(messages, offsets, how).await {
             Ok(mut batch) => {
                 let outcomes = std::mem::take(&mut batch.outcomes);
                 for (message, outcome) in messages.iter().zip(&outcomes) {
@@ -69,6 +75,7 @@ where
                 }
                 match batch.commit().await {
                     Ok(()) => {
+                        stall.end();
                         record_outcomes(messages, &outcomes);
                         return BatchEnd::Committed;
                     }
@@ -76,15 +83,95 @@ where
                 }
             }
             Err(BatchError::Fenced(fenced)) => {
+                stall.end();
                 tracing::warn!(%fenced, "batch not applied");
                 return BatchEnd::Fenced;
             }
-            Err(BatchError::Transient(error)) => error,
+            Err(BatchError::Database(error)) => error,
         };
+        let class = ErrorClass::of(&error);
+        let repeats = stall.failed(class, &error);
         metrics::counter!(names::CONSUMER_RETRIES_TOTAL).increment(1);
-        tracing::warn!(%error, attempt, batch = messages.len(), "processing failed; retrying");
+        if how == Apply::Whole
+            && (class.is_poison() || (!class.is_transient() && repeats >= ISOLATE_AFTER))
+        {
+            tracing::warn!(%error, class = class.as_str(), batch = messages.len(),
+                "the database refused the batch; applying it one message at a time");
+            how = Apply::OneByOne;
+            continue;
+        }
+        tracing::warn!(%error, class = class.as_str(), attempt, batch = messages.len(),
+            "processing failed; retrying");
         if pause(config, &mut attempt, shutdown).await.is_none() {
+            stall.end();
             return BatchEnd::Shutdown;
+        }
+    }
+}
+
+/// The failed attempts of the batch in progress, as the gauge
+/// `consumer_batch_failed_attempts{topic, partition, class}` of each of its partitions: 0 once
+/// the batch commits, so a partition held back by a failing batch shows within seconds.
+struct Stall {
+    partitions: Vec<(String, String)>,
+    class: Option<ErrorClass>,
+    last_error: String,
+    repeats: u32,
+    attempts: u32,
+}
+
+impl Stall {
+    fn new(messages: &[BusMessage], offsets: Option<&OffsetCommit>) -> Self {
+        let partitions: BTreeSet<(String, String)> = match offsets {
+            Some(offsets) => offsets
+                .next
+                .keys()
+                .map(|tp| (tp.topic.clone(), tp.partition.to_string()))
+                .collect(),
+            // The in-process bus has no partitions: one series per topic.
+            None => messages
+                .iter()
+                .map(|m| (m.topic.clone(), "-".to_owned()))
+                .collect(),
+        };
+        Self {
+            partitions: partitions.into_iter().collect(),
+            class: None,
+            last_error: String::new(),
+            repeats: 0,
+            attempts: 0,
+        }
+    }
+
+    /// Counts a failed attempt; returns how many attempts in a row failed with this error.
+    fn failed(&mut self, class: ErrorClass, error: &sea_orm::DbErr) -> u32 {
+        let text = error.to_string();
+        self.repeats = if text == self.last_error {
+            self.repeats + 1
+        } else {
+            1
+        };
+        self.last_error = text;
+        if self.class.is_some_and(|c| c != class) {
+            self.set(0.0);
+        }
+        self.class = Some(class);
+        self.attempts += 1;
+        self.set(f64::from(self.attempts));
+        self.repeats
+    }
+
+    fn end(&mut self) {
+        self.set(0.0);
+        self.class = None;
+    }
+
+    fn set(&self, value: f64) {
+        let Some(class) = self.class else { return };
+        for (topic, partition) in &self.partitions {
+            metrics::gauge!(names::CONSUMER_BATCH_FAILED_ATTEMPTS, "topic" => topic.clone(),
+                "partition" => partition.clone(), "class" => class.as_str())
+            .set(value);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The AcmeCRM contact event: ONE parser, used by the webhook's validation (every offending
 //! field reported, 400) and by the consumer (an event it cannot read is dead-lettered), so an
 //! event answered 200 is always one the consumer can apply.
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Map, Value};
 
 pub use entity::{EventStatus, EventType};
@@ -153,15 +153,13 @@ fn check_data(
         }
         // A deletion needs only the id; a timestamp, when sent, must still be readable.
         Some(EventType::Deleted) if data.get("updatedAt").is_some_and(|v| !v.is_null()) => {
-            updated_at = data
+            let parsed = data
                 .get("updatedAt")
                 .and_then(Value::as_str)
-                .and_then(rfc3339);
-            if updated_at.is_none() {
-                errors.push(FieldError::new(
-                    "data.updatedAt",
-                    "must be an RFC 3339 date-time",
-                ));
+                .map_or(Err(NOT_RFC3339), instant);
+            match parsed {
+                Ok(at) => updated_at = Some(at),
+                Err(message) => errors.push(FieldError::new("data.updatedAt", message)),
             }
         }
         Some(EventType::Deleted) | None => {}
@@ -169,15 +167,32 @@ fn check_data(
     (contact_id, updated_at)
 }
 
-/// Reads an RFC 3339 string field of a JSON object.
+/// Reads an RFC 3339 string field of a JSON object (an instant [`instant`] accepts).
 pub fn rfc3339_field(object: &Value, field: &str) -> Option<DateTime<Utc>> {
-    object.get(field)?.as_str().and_then(rfc3339)
+    instant(object.get(field)?.as_str()?).ok()
 }
 
-fn rfc3339(text: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+/// Why a date-time field is refused.
+const NOT_RFC3339: &str = "must be an RFC 3339 date-time";
+const OUT_OF_RANGE: &str =
+    "must be between 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z once converted to UTC";
+
+/// Reads an RFC 3339 date-time as the instant every store holds and orders alike: in UTC, cut
+/// to microseconds (PostgreSQL's precision, so the consumer's comparisons in Rust and in SQL
+/// agree), a leap second (`23:59:60`) folded into the next second as PostgreSQL and POSIX do,
+/// and within the UTC years 0001 to 9999. RFC 3339 can write `0000-01-01T00:00:00+01:00`,
+/// which is in year -1 in UTC: such an instant is refused here (400) rather than accepted and
+/// then never applied.
+pub fn instant(text: &str) -> Result<DateTime<Utc>, &'static str> {
+    let parsed = DateTime::parse_from_rfc3339(text).map_err(|_| NOT_RFC3339)?;
+    // `timestamp_micros` counts a leap second as the next second's first microsecond.
+    let utc = DateTime::from_timestamp_micros(parsed.with_timezone(&Utc).timestamp_micros())
+        .ok_or(OUT_OF_RANGE)?;
+    if (1..=9999).contains(&utc.year()) {
+        Ok(utc)
+    } else {
+        Err(OUT_OF_RANGE)
+    }
 }
 
 fn required_string<'a>(
@@ -229,11 +244,9 @@ fn required_time(
     errors: &mut Vec<FieldError>,
 ) -> Option<DateTime<Utc>> {
     let value = required_string(object, key, path, errors)?;
-    let parsed = rfc3339(value);
-    if parsed.is_none() {
-        errors.push(FieldError::new(path, "must be an RFC 3339 date-time"));
-    }
-    parsed
+    instant(value)
+        .map_err(|message| errors.push(FieldError::new(path, message)))
+        .ok()
 }
 
 /// A pragmatic address check: one `@`, a non-empty local part, a dotted domain, no spaces.
@@ -254,4 +267,57 @@ pub fn is_valid_email(email: &str) -> bool {
                 && !label.ends_with('-')
                 && label.chars().all(|c| c.is_alphanumeric() || c == '-')
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(text: &str) -> String {
+        instant(text)
+            .expect("accepted")
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string()
+    }
+
+    #[test]
+    fn instants_are_normalised_to_utc_microseconds_with_leap_seconds_folded() {
+        assert_eq!(
+            utc("2025-05-19T10:00:00.1234567+02:00"),
+            "2025-05-19T08:00:00.123456Z"
+        );
+        assert_eq!(utc("2016-12-31T23:59:60.5Z"), "2017-01-01T00:00:00.500000Z");
+        assert_eq!(
+            utc("0000-12-31T23:00:00-01:00"),
+            "0001-01-01T00:00:00.000000Z"
+        );
+        assert_eq!(
+            utc("9999-12-31T23:59:59.999999Z"),
+            "9999-12-31T23:59:59.999999Z"
+        );
+    }
+
+    #[test]
+    fn instants_outside_the_utc_years_0001_to_9999_are_refused() {
+        for text in [
+            "0000-01-01T00:00:00+01:00",
+            "0000-12-31T23:59:59Z",
+            "9999-12-31T23:59:60Z",
+            "9999-12-31T23:00:00-01:00",
+        ] {
+            assert_eq!(instant(text), Err(OUT_OF_RANGE), "{text}");
+        }
+        assert_eq!(instant("yesterday"), Err(NOT_RFC3339));
+    }
+
+    #[test]
+    fn an_out_of_range_created_at_is_refused_naming_the_field() {
+        let payload = serde_json::json!({
+            "event": "contact.created", "id": "e1", "timestamp": "2025-05-19T00:00:00Z",
+            "data": { "id": "c1", "email": "a@example.com", "firstName": "A", "lastName": "B",
+                      "createdAt": "0000-01-01T00:00:00+01:00", "updatedAt": "2025-05-19T00:00:00Z" }
+        });
+        let errors = ContactEvent::parse(payload).expect_err("refused");
+        assert_eq!(errors, [FieldError::new("data.createdAt", OUT_OF_RANGE)]);
+    }
 }

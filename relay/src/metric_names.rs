@@ -83,6 +83,9 @@ pub const CONSUMER_RETRIES_TOTAL: &str = "consumer_retries_total";
 pub const CONSUMER_REFETCHES_TOTAL: &str = "consumer_refetches_total";
 /// Counter: offsets the broker never served that a consumer went past (gaps accepted).
 pub const CONSUMER_OFFSETS_MISSING_TOTAL: &str = "consumer_offsets_missing_total";
+/// Gauge `{topic, partition, class}`: failed attempts in a row of the batch a partition is
+/// waiting on (0 once it commits); `class` is the database error's (`relay::error::ErrorClass`).
+pub const CONSUMER_BATCH_FAILED_ATTEMPTS: &str = "consumer_batch_failed_attempts";
 /// Histogram: messages per applied batch.
 pub const CONSUMER_BATCH_SIZE: &str = "consumer_batch_size";
 /// Gauge `{member}`: partitions a member holds.

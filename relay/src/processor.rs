@@ -14,7 +14,7 @@ use sea_orm::{
 use serde_json::Value;
 
 use crate::bus::BusMessage;
-use crate::error::Unappliable;
+use crate::error::{ErrorClass, Unappliable};
 use crate::event::HEADER_EVENT_ID;
 use crate::partitions::{Fenced, OffsetCommit};
 use crate::projection::{self, Applied, ContactChange};
@@ -36,12 +36,27 @@ pub type Outcome = Result<Handled, Unappliable>;
 /// Why a batch was not applied; nothing of it was written.
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
-    /// Worth retrying (database unavailable, a lost race...).
-    #[error("transient: {0}")]
-    Transient(#[from] DbErr),
+    /// The database failed; its [`ErrorClass`] says whether a retry can help.
+    #[error("database: {0}")]
+    Database(#[from] DbErr),
     /// Another member owns some of the batch's partitions now: drop them, do not retry.
     #[error(transparent)]
     Fenced(#[from] Fenced),
+}
+
+/// How many times in a row a batch may fail the same way (an error of class
+/// [`ErrorClass::Other`]) before it is applied one message at a time.
+pub const ISOLATE_AFTER: u32 = 3;
+
+/// How a batch is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// Every message in one go: a few statements for the whole batch.
+    Whole,
+    /// Each message under a savepoint of the one transaction: a message the database refuses
+    /// (not for a transient reason) is failed with its error, the others are applied. For a
+    /// batch that failed with a poison error; one statement round per message.
+    OneByOne,
 }
 
 /// Why a single message was not handled.
@@ -115,7 +130,7 @@ impl EventProcessor {
     /// Handles one message in its own transaction; safe to call again with the same message.
     pub async fn handle(&self, message: &BusMessage) -> Result<Handled, ProcessError> {
         let mut batch = self
-            .apply_batch(std::slice::from_ref(message), None)
+            .apply_batch(std::slice::from_ref(message), None, Apply::Whole)
             .await?;
         let outcome = batch.outcomes.pop().unwrap_or(Ok(Handled::AlreadyDone));
         batch.commit().await.map_err(BatchError::from)?;
@@ -130,84 +145,147 @@ impl EventProcessor {
         &self,
         messages: &[BusMessage],
         offsets: Option<&OffsetCommit>,
+        how: Apply,
     ) -> Result<AppliedBatch, BatchError> {
         let parsed: Vec<Parsed> = messages.iter().map(parse).collect();
         let txn = self.db.begin().await?;
-
-        // Every event of the batch, locked by its unique id, with its status as it is now.
-        let ids: BTreeSet<&str> = parsed
-            .iter()
-            .filter_map(|p| match p {
-                Parsed::Change(change) => Some(change.event_id.as_str()),
-                Parsed::Unappliable { event_id, .. } => event_id.as_deref(),
-            })
-            .collect();
-        let events = lock_events(&txn, &ids).await?;
-        let pending = |id: &str| events.get(id).is_some_and(|e| e.1 == EventStatus::Pending);
-
-        // The pending events that can be applied are claimed; the rest changes nothing unless it
-        // is pending and can never be applied (marked `failed`).
-        let mut claimed: BTreeSet<&str> = BTreeSet::new();
-        let mut to_apply: Vec<&ContactChange> = Vec::new();
-        for p in &parsed {
-            if let Parsed::Change(change) = p
-                && pending(&change.event_id)
-                && claimed.insert(&change.event_id)
-            {
-                to_apply.push(change);
-            }
-        }
-        claim(&txn, claimed.iter().map(|id| events[*id].0)).await?;
-
-        let mut applied: BTreeSet<&str> = BTreeSet::new();
-        let mut failed_now: BTreeSet<&str> = BTreeSet::new();
-        let mut decided: Vec<Result<Option<&str>, Unappliable>> = Vec::with_capacity(parsed.len());
-        for p in &parsed {
-            decided.push(match p {
-                Parsed::Change(change) if claimed.contains(change.event_id.as_str()) => {
-                    if applied.insert(&change.event_id) {
-                        Ok(Some(change.event_id.as_str()))
-                    } else {
-                        Ok(None) // the same event twice in one batch
-                    }
-                }
-                Parsed::Change(change) => match events.get(change.event_id.as_str()) {
-                    Some(_) => Ok(None),
-                    None => Err(Unappliable::UnknownEvent(change.event_id.clone())),
-                },
-                Parsed::Unappliable { event_id: None, .. } => Err(Unappliable::NoEventId),
-                Parsed::Unappliable {
-                    event_id: Some(id),
-                    reason,
-                } => match events.get(id.as_str()) {
-                    Some(&(row, EventStatus::Pending))
-                        if !claimed.contains(id.as_str()) && failed_now.insert(id) =>
-                    {
-                        mark_failed(&txn, row, &reason.to_string()).await?;
-                        Err(reason.clone())
-                    }
-                    Some(_) => Ok(None),
-                    None => Err(Unappliable::UnknownEvent(id.clone())),
-                },
-            });
-        }
-
-        let changed = projection::apply(&txn, &to_apply).await?;
+        let outcomes = match how {
+            Apply::Whole => apply_parsed(&txn, &parsed).await?,
+            Apply::OneByOne => apply_one_by_one(&txn, &parsed).await?,
+        };
         if let Some(offsets) = offsets {
             offsets.write(&txn).await?;
         }
-        let outcomes = decided
-            .into_iter()
-            .map(|d| {
-                d.map(|claimed| match claimed {
-                    Some(id) if changed.contains(id) => Handled::Processed(Applied::Changed),
-                    Some(_) => Handled::Processed(Applied::Stale),
-                    None => Handled::AlreadyDone,
-                })
-            })
-            .collect();
         Ok(AppliedBatch { txn, outcomes })
     }
+}
+
+/// [`Apply::OneByOne`]: each message under its own savepoint. A transient error ends the whole
+/// batch (nothing written); any other refusal fails that message's event with the error.
+async fn apply_one_by_one(
+    txn: &DatabaseTransaction,
+    parsed: &[Parsed],
+) -> Result<Vec<Outcome>, DbErr> {
+    let mut outcomes = Vec::with_capacity(parsed.len());
+    for message in parsed {
+        let savepoint = txn.begin().await?;
+        match apply_parsed(&savepoint, std::slice::from_ref(message)).await {
+            Ok(outcome) => {
+                savepoint.commit().await?;
+                outcomes.extend(outcome);
+            }
+            Err(error) if ErrorClass::of(&error).is_transient() => return Err(error),
+            Err(error) => {
+                savepoint.rollback().await?;
+                outcomes.push(refuse(txn, message, &error).await?);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// Fails the event of a message the database refused with `error` (when it is still pending).
+async fn refuse(
+    txn: &DatabaseTransaction,
+    message: &Parsed,
+    error: &DbErr,
+) -> Result<Outcome, DbErr> {
+    let event_id = match message {
+        Parsed::Change(change) => Some(change.event_id.as_str()),
+        Parsed::Unappliable { event_id, .. } => event_id.as_deref(),
+    };
+    let reason = Unappliable::Refused {
+        class: ErrorClass::of(error),
+        error: error.to_string(),
+    };
+    let Some(event_id) = event_id else {
+        return Ok(Err(reason));
+    };
+    let events = lock_events(txn, &BTreeSet::from([event_id])).await?;
+    match events.get(event_id) {
+        Some(&(row, EventStatus::Pending)) => {
+            mark_failed(txn, row, &reason.to_string()).await?;
+            Ok(Err(reason))
+        }
+        Some(_) => Ok(Ok(Handled::AlreadyDone)),
+        None => Ok(Err(Unappliable::UnknownEvent(event_id.to_owned()))),
+    }
+}
+
+/// Applies `parsed` with a few statements for all of them (see [`EventProcessor::apply_batch`]).
+async fn apply_parsed<C: ConnectionTrait>(
+    txn: &C,
+    parsed: &[Parsed],
+) -> Result<Vec<Outcome>, DbErr> {
+    // Every event of the batch, locked by its unique id, with its status as it is now.
+    let ids: BTreeSet<&str> = parsed
+        .iter()
+        .filter_map(|p| match p {
+            Parsed::Change(change) => Some(change.event_id.as_str()),
+            Parsed::Unappliable { event_id, .. } => event_id.as_deref(),
+        })
+        .collect();
+    let events = lock_events(txn, &ids).await?;
+    let pending = |id: &str| events.get(id).is_some_and(|e| e.1 == EventStatus::Pending);
+
+    // The pending events that can be applied are claimed; the rest changes nothing unless it
+    // is pending and can never be applied (marked `failed`).
+    let mut claimed: BTreeSet<&str> = BTreeSet::new();
+    let mut to_apply: Vec<&ContactChange> = Vec::new();
+    for p in parsed {
+        if let Parsed::Change(change) = p
+            && pending(&change.event_id)
+            && claimed.insert(&change.event_id)
+        {
+            to_apply.push(change);
+        }
+    }
+    claim(txn, claimed.iter().map(|id| events[*id].0)).await?;
+
+    let mut applied: BTreeSet<&str> = BTreeSet::new();
+    let mut failed_now: BTreeSet<&str> = BTreeSet::new();
+    let mut decided: Vec<Result<Option<&str>, Unappliable>> = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        decided.push(match p {
+            Parsed::Change(change) if claimed.contains(change.event_id.as_str()) => {
+                if applied.insert(&change.event_id) {
+                    Ok(Some(change.event_id.as_str()))
+                } else {
+                    Ok(None) // the same event twice in one batch
+                }
+            }
+            Parsed::Change(change) => match events.get(change.event_id.as_str()) {
+                Some(_) => Ok(None),
+                None => Err(Unappliable::UnknownEvent(change.event_id.clone())),
+            },
+            Parsed::Unappliable { event_id: None, .. } => Err(Unappliable::NoEventId),
+            Parsed::Unappliable {
+                event_id: Some(id),
+                reason,
+            } => match events.get(id.as_str()) {
+                Some(&(row, EventStatus::Pending))
+                    if !claimed.contains(id.as_str()) && failed_now.insert(id) =>
+                {
+                    mark_failed(txn, row, &reason.to_string()).await?;
+                    Err(reason.clone())
+                }
+                Some(_) => Ok(None),
+                None => Err(Unappliable::UnknownEvent(id.clone())),
+            },
+        });
+    }
+
+    let changed = projection::apply(txn, &to_apply).await?;
+    Ok(decided
+        .into_iter()
+        .map(|d| {
+            d.map(|claimed| match claimed {
+                Some(id) if changed.contains(id) => Handled::Processed(Applied::Changed),
+                Some(_) => Handled::Processed(Applied::Stale),
+                None => Handled::AlreadyDone,
+            })
+        })
+        .collect())
 }
 
 /// Locks the events among `ids` that exist (`FOR UPDATE`; SQLite has one writer at a time and the

@@ -12,7 +12,7 @@ use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement, Value as SqlValue};
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::error::Unappliable;
@@ -86,9 +86,8 @@ impl ContactEvent {
     }
 }
 
-/// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`). On
-/// PostgreSQL it travels as one object of the upsert's JSON document, named by column.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContactRow {
     pub id: String,
     pub email: Option<String>,
@@ -98,15 +97,11 @@ pub struct ContactRow {
     pub company: Option<String>,
     pub title: Option<String>,
     pub data: Value,
-    #[serde(serialize_with = "micros_or_null")]
     pub source_created_at: Option<DateTime<Utc>>,
-    #[serde(serialize_with = "micros_or_null")]
     pub source_updated_at: Option<DateTime<Utc>>,
-    #[serde(serialize_with = "micros")]
     pub event_timestamp: DateTime<Utc>,
     pub last_event_id: String,
     pub deleted: bool,
-    #[serde(serialize_with = "micros_or_null")]
     pub deleted_at: Option<DateTime<Utc>>,
 }
 
@@ -218,37 +213,82 @@ fn upsert_sql(backend: DatabaseBackend, source: &str) -> String {
 }
 
 /// PostgreSQL's upsert, built once: $1 the rows as ONE JSON document read by
-/// `jsonb_to_recordset`, $2 the time, so it has one text (one prepared statement per
-/// connection) whatever the batch size (see `sql`). Rows go in contact-id order, bytewise like
-/// `greatest_per_contact`: the order they are locked in.
+/// `jsonb_to_recordset`, $2 the time, $3 the rows' instants as one typed `timestamptz[]`, so it
+/// has one text (one prepared statement per connection) whatever the batch size (see `sql`).
+/// Instants travel as bound timestamps, never as text PostgreSQL would parse again: in the
+/// document a timestamp column holds the instant's index in $3 (`null` for none). Rows go in
+/// contact-id order, bytewise like `greatest_per_contact`: the order they are locked in.
 static POSTGRES_UPSERT: LazyLock<String> = LazyLock::new(|| {
-    let typed = COLUMNS.map(|(name, pg_type)| format!("{name} {pg_type}"));
+    let is_instant = |pg_type: &str| pg_type == "timestamptz";
+    let typed = COLUMNS.map(|(name, pg_type)| {
+        format!(
+            "{name} {}",
+            if is_instant(pg_type) { "int4" } else { pg_type }
+        )
+    });
+    let selected = COLUMNS.map(|(name, pg_type)| {
+        if is_instant(pg_type) {
+            format!("($3::timestamptz[])[r.{name}]")
+        } else {
+            format!("r.{name}")
+        }
+    });
     let source = format!(
-        "SELECT {}, $2 FROM jsonb_to_recordset($1::jsonb) AS r({}) ORDER BY id COLLATE \"C\"",
-        COLUMNS.map(|(name, _)| name).join(", "),
+        "SELECT {}, $2 FROM jsonb_to_recordset($1::jsonb) AS r({}) ORDER BY r.id COLLATE \"C\"",
+        selected.join(", "),
         typed.join(", "),
     );
     upsert_sql(DatabaseBackend::Postgres, &source)
 });
 
+/// One row of [`POSTGRES_UPSERT`]'s document: the row's columns, its instants as 1-based
+/// indexes into the statement's `timestamptz[]`.
+#[derive(Serialize)]
+struct DocumentRow<'a> {
+    id: &'a str,
+    email: Option<&'a str>,
+    first_name: Option<&'a str>,
+    last_name: Option<&'a str>,
+    phone: Option<&'a str>,
+    company: Option<&'a str>,
+    title: Option<&'a str>,
+    data: &'a Value,
+    source_created_at: Option<usize>,
+    source_updated_at: Option<usize>,
+    event_timestamp: usize,
+    last_event_id: &'a str,
+    deleted: bool,
+    deleted_at: Option<usize>,
+}
+
 /// The parameters of [`POSTGRES_UPSERT`].
 fn document_values(rows: &[ContactRow]) -> Result<Vec<SqlValue>, DbErr> {
-    let document = serde_json::to_string(rows).map_err(|e| DbErr::Custom(e.to_string()))?;
-    Ok(vec![document.into(), Utc::now().into()])
-}
-
-/// A time in the upsert's document: RFC 3339 cut to microseconds, PostgreSQL's precision, as a
-/// bound value is.
-fn micros<S: Serializer>(at: &DateTime<Utc>, to: S) -> Result<S::Ok, S::Error> {
-    to.collect_str(&at.format("%Y-%m-%dT%H:%M:%S%.6fZ"))
-}
-
-/// [`micros`], or `null`.
-fn micros_or_null<S: Serializer>(at: &Option<DateTime<Utc>>, to: S) -> Result<S::Ok, S::Error> {
-    match at {
-        Some(at) => micros(at, to),
-        None => to.serialize_none(),
-    }
+    let mut instants: Vec<DateTime<Utc>> = Vec::with_capacity(rows.len() * 3);
+    let mut index = |at: DateTime<Utc>| {
+        instants.push(at);
+        instants.len() // PostgreSQL arrays count from 1
+    };
+    let document: Vec<DocumentRow<'_>> = rows
+        .iter()
+        .map(|row| DocumentRow {
+            id: &row.id,
+            email: row.email.as_deref(),
+            first_name: row.first_name.as_deref(),
+            last_name: row.last_name.as_deref(),
+            phone: row.phone.as_deref(),
+            company: row.company.as_deref(),
+            title: row.title.as_deref(),
+            data: &row.data,
+            source_created_at: row.source_created_at.map(&mut index),
+            source_updated_at: row.source_updated_at.map(&mut index),
+            event_timestamp: index(row.event_timestamp),
+            last_event_id: &row.last_event_id,
+            deleted: row.deleted,
+            deleted_at: row.deleted_at.map(&mut index),
+        })
+        .collect();
+    let document = serde_json::to_string(&document).map_err(|e| DbErr::Custom(e.to_string()))?;
+    Ok(vec![document.into(), Utc::now().into(), instants.into()])
 }
 
 /// Any other database (SQLite): the upsert over `VALUES` with one row of placeholders per

@@ -7,7 +7,7 @@ use entity::{contact, webhook_event};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use relay::bus::BusMessage;
-use relay::processor::EventProcessor;
+use relay::processor::{Apply, EventProcessor};
 use relay::projection::{ContactChange, greatest_per_contact};
 use sea_orm::{ActiveValue::Set, EntityTrait};
 use serde_json::{Value, json};
@@ -131,7 +131,10 @@ async fn any_order_duplication_and_batching_of_a_contacts_events_gives_the_same_
                 let delivered: Vec<BusMessage> =
                     deliveries.iter().map(|i| messages[i].clone()).collect();
                 for chunk in delivered.chunks(batch) {
-                    let applied = processor.apply_batch(chunk, None).await.expect("apply");
+                    let applied = processor
+                        .apply_batch(chunk, None, Apply::Whole)
+                        .await
+                        .expect("apply");
                     prop_assert!(applied.outcomes.iter().all(Result::is_ok));
                     applied.commit().await.expect("commit");
                 }

@@ -11,6 +11,7 @@ mod loadgen;
 mod monitoring;
 mod operations;
 mod pipeline;
+mod poison;
 mod process;
 mod retention;
 mod support;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use api::Roles;
 use relay::bus::BusMessage;
 use relay::partitions::OffsetCommit;
-use relay::processor::{EventProcessor, Handled};
+use relay::processor::{Apply, EventProcessor, Handled};
 use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::{Value, json};
 
@@ -503,7 +503,10 @@ async fn apply_all(
     batch: &[BusMessage],
     offsets: Option<&OffsetCommit>,
 ) {
-    let applied = processor.apply_batch(batch, offsets).await.expect("apply");
+    let applied = processor
+        .apply_batch(batch, offsets, Apply::Whole)
+        .await
+        .expect("apply");
     assert!(
         applied
             .outcomes
