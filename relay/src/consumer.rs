@@ -59,7 +59,7 @@ where
 {
     let mut attempt = 0u32;
     let mut how = Apply::Whole;
-    let mut stall = Stall::new(messages, offsets);
+    let mut stall = Stall::new(offsets);
     loop {
         let error = match processor.apply_batch(messages, offsets, how).await {
             Ok(mut batch) => {
@@ -121,18 +121,15 @@ struct Stall {
 }
 
 impl Stall {
-    fn new(messages: &[BusMessage], offsets: Option<&OffsetCommit>) -> Self {
+    fn new(offsets: Option<&OffsetCommit>) -> Self {
         let partitions: BTreeSet<(String, String)> = match offsets {
             Some(offsets) => offsets
                 .next
                 .keys()
                 .map(|tp| (tp.topic.clone(), tp.partition.to_string()))
                 .collect(),
-            // The in-process bus has no partitions: one series per topic.
-            None => messages
-                .iter()
-                .map(|m| (m.topic.clone(), "-".to_owned()))
-                .collect(),
+            // The in-process bus has no partitions: one loop, one series.
+            None => BTreeSet::from([(IN_PROCESS.0.to_owned(), IN_PROCESS.1.to_owned())]),
         };
         Self {
             partitions: partitions.into_iter().collect(),
@@ -169,11 +166,24 @@ impl Stall {
     fn set(&self, value: f64) {
         let Some(class) = self.class else { return };
         for (topic, partition) in &self.partitions {
-            metrics::gauge!(names::CONSUMER_BATCH_FAILED_ATTEMPTS, "topic" => topic.clone(),
-                "partition" => partition.clone(), "class" => class.as_str())
-            .set(value);
+            failed_attempts(topic, partition, class.as_str()).set(value);
         }
     }
+}
+
+/// The `topic` and `partition` labels of the in-process bus's one consumer loop.
+const IN_PROCESS: (&str, &str) = ("in-process", "-");
+
+/// One series of `consumer_batch_failed_attempts`.
+fn failed_attempts(topic: &str, partition: &str, class: &'static str) -> metrics::Gauge {
+    metrics::gauge!(names::CONSUMER_BATCH_FAILED_ATTEMPTS, "topic" => topic.to_owned(),
+        "partition" => partition.to_owned(), "class" => class)
+}
+
+/// A partition starts with no failed attempt (`class="none"`), so the series exists, and the
+/// alert on it can be checked, before anything fails.
+fn no_failed_attempts(topic: &str, partition: &str) {
+    failed_attempts(topic, partition, "none").set(0.0);
 }
 
 fn record_outcomes(messages: &[BusMessage], outcomes: &[Outcome]) {
@@ -215,6 +225,7 @@ pub async fn run_in_process(
     config: ConsumerConfig,
     shutdown: CancellationToken,
 ) {
+    no_failed_attempts(IN_PROCESS.0, IN_PROCESS.1);
     let mut batch = Vec::with_capacity(config.batch_max);
     loop {
         batch.clear();
@@ -477,6 +488,7 @@ impl KafkaEventConsumer {
                             tracing::error!(%error, %tp, "bad partition offset");
                         }
                         positions.insert(tp.clone(), Position::new(*next));
+                        no_failed_attempts(&tp.topic, &tp.partition.to_string());
                     }
                     if let Err(error) = self.consumer.incremental_assign(&list) {
                         tracing::error!(%error, "could not assign partitions; rejoining");
