@@ -4,7 +4,8 @@
 //! Over Kafka, partitions are owned through PostgreSQL ([`crate::partitions`]) and assigned by
 //! hand, and each batch records its partitions' next offsets in the transaction that applies
 //! it: a batch is applied and its position moved together, or neither. Kafka's group protocol
-//! (and its committed offsets) play no part.
+//! plays no part; the applied offsets are committed to Kafka after the database commit only so
+//! that Kafka's tools see the group (`BrokerOffsets`).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -387,6 +388,7 @@ impl KafkaEventConsumer {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut positions: HashMap<TopicPartition, Position> = HashMap::new();
         let mut partitions = Partitions::default();
+        let mut broker_offsets = BrokerOffsets::default();
         let mut tick = tokio::time::interval(self.config.rebalance_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch: Vec<BusMessage> = Vec::with_capacity(self.config.batch_max);
@@ -395,6 +397,7 @@ impl KafkaEventConsumer {
                 biased;
                 () = shutdown.cancelled() => break,
                 _ = tick.tick() => {
+                    broker_offsets.commit_if_due(&self.consumer, &positions);
                     let topics = partitions.current(&self.consumer, &self.kafka).await;
                     self.rebalance(&topics, &mut positions).await;
                     continue;
@@ -446,7 +449,11 @@ impl KafkaEventConsumer {
             )
             .await;
             match end {
-                BatchEnd::Committed => {} // `admit` moved the positions already
+                BatchEnd::Committed => {
+                    // `admit` moved the positions already; Kafka learns them after the commit.
+                    broker_offsets.applied(offsets.next);
+                    broker_offsets.commit_if_due(&self.consumer, &positions);
+                }
                 BatchEnd::Fenced => self.reset(&mut positions),
                 BatchEnd::Shutdown => break, // uncommitted: applied after the restart
             }
@@ -590,6 +597,53 @@ impl KafkaEventConsumer {
                 .map(|m| m.membership.member_id().to_owned())
                 .collect(),
             watch: Arc::default(),
+        }
+    }
+}
+
+/// The applied positions, committed to Kafka under the group id as well, so Kafka's tools
+/// (`kafka-consumer-groups --describe`) and lag exporters see the group. PostgreSQL stays the
+/// truth a member resumes from: these commits are asynchronous, never sent before the database
+/// commit they report, and at most one request per [`Self::INTERVAL`].
+#[derive(Default)]
+struct BrokerOffsets {
+    pending: BTreeMap<TopicPartition, i64>,
+    sent_at: Option<Instant>,
+}
+
+impl BrokerOffsets {
+    const INTERVAL: Duration = Duration::from_millis(500);
+
+    /// Records the next offsets of a batch whose database transaction committed.
+    fn applied(&mut self, next: BTreeMap<TopicPartition, i64>) {
+        self.pending.extend(next);
+    }
+
+    /// Sends what is pending for the partitions still owned, if the last send is old enough.
+    fn commit_if_due(
+        &mut self,
+        consumer: &StreamConsumer,
+        owned: &HashMap<TopicPartition, Position>,
+    ) {
+        if self.pending.is_empty() || self.sent_at.is_some_and(|at| at.elapsed() < Self::INTERVAL) {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for (tp, next) in std::mem::take(&mut self.pending) {
+            // A partition given back is its new owner's to report.
+            if owned.contains_key(&tp)
+                && let Err(error) =
+                    list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
+            {
+                tracing::debug!(%error, %tp, "bad partition offset");
+            }
+        }
+        self.sent_at = Some(Instant::now());
+        if list.count() == 0 {
+            return;
+        }
+        if let Err(error) = consumer.commit(&list, rdkafka::consumer::CommitMode::Async) {
+            tracing::debug!(%error, "could not commit offsets to Kafka");
         }
     }
 }

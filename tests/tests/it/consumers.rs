@@ -234,3 +234,86 @@ async fn readiness_names_a_partition_left_without_a_consumer() {
         .expect("delete the orphan partition");
     wait_until("consumer up", true, Duration::from_secs(30), consumer_up).await;
 }
+
+/// The positions a group has applied, as Kafka reports them to its tools: a consumer of the
+/// group's id asks the group coordinator (OffsetFetch, what `kafka-consumer-groups --describe`
+/// reads) for every partition's committed offset; they equal the `next_offset`s in PostgreSQL
+/// once the pipeline is drained, and each partition's is its message count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sees_the_offsets_the_group_applied() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    let app = TestApp::with_kafka().await;
+    let events = 30;
+    for i in 0..events {
+        let event = contact_event(
+            "contact.created",
+            &format!("evt-{i}"),
+            &format!("contact-{i}"),
+            "2025-05-19T10:00:00Z",
+        );
+        assert_eq!(app.post_signed_json(&event).await.status(), 200);
+    }
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        events,
+        Duration::from_secs(60),
+    )
+    .await;
+    let in_database = || async {
+        let rows = app
+            .db
+            .query_all_raw(sea_orm::Statement::from_string(
+                app.db.get_database_backend(),
+                format!(
+                    "SELECT topic, partition, next_offset FROM consumer_partitions \
+                     WHERE group_id = '{}' AND next_offset IS NOT NULL ORDER BY topic, partition",
+                    app.config.kafka.group_id
+                ),
+            ))
+            .await
+            .expect("positions");
+        rows.iter()
+            .map(|r| {
+                let topic: String = r.try_get_by_index(0).expect("topic");
+                let partition: i32 = r.try_get_by_index(1).expect("partition");
+                let next: i64 = r.try_get_by_index(2).expect("next_offset");
+                (topic, partition, next)
+            })
+            .collect::<Vec<_>>()
+    };
+    let applied = in_database().await;
+    assert_eq!(applied.iter().map(|(_, _, next)| next).sum::<i64>(), events);
+
+    let group: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", &app.config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a client of the group");
+    let mut asked = rdkafka::TopicPartitionList::new();
+    for (topic, partition, _) in &applied {
+        asked.add_partition(topic, *partition);
+    }
+    let committed = || {
+        let list = group
+            .committed_offsets(asked.clone(), Duration::from_secs(10))
+            .expect("the group's committed offsets");
+        list.elements()
+            .iter()
+            .map(|e| {
+                let offset = match e.offset() {
+                    rdkafka::Offset::Offset(offset) => offset,
+                    _ => -1, // nothing committed
+                };
+                (e.topic().to_owned(), e.partition(), offset)
+            })
+            .collect::<Vec<_>>()
+    };
+    // Committed asynchronously after each database commit, at most every 500 ms.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while committed() != applied && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(committed(), applied);
+}
