@@ -13,5 +13,6 @@ mod operations;
 mod pipeline;
 mod poison;
 mod process;
+mod replication;
 mod retention;
 mod support;
