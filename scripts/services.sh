@@ -111,9 +111,42 @@ ensure_postgres() {
   export ACME_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$port/postgres
 }
 
-# Exports ACME_TEST_TANSU (the broker binary, for tests that stop and restart their own broker)
-# and ACME_TEST_KAFKA_BROKERS (a broker started here, unless one was given).
+# Java (17 or newer) and Maven, which scripts/kafka assembles Apache Kafka with.
+ensure_java() {
+  local missing=()
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v mvn >/dev/null || missing+=(maven)
+  if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+# Exports ACME_TEST_KAFKA_BROKERS: the given one, else a one-node Apache Kafka started here
+# with scripts/kafka (jars from Maven Central, cached in ~/.cache/acme-webhooks), and
+# ACME_TEST_KAFKA_SCRIPT, for the tests that run a cluster of their own. ACME_TEST_BROKER=tansu
+# starts Tansu instead (built with `cargo install` the first time, about 13 minutes on 2 cores).
 ensure_broker() {
+  export ACME_TEST_KAFKA_SCRIPT=$PWD/scripts/kafka
+  if [ -n "${ACME_TEST_KAFKA_BROKERS:-}" ]; then
+    log "Kafka: using ACME_TEST_KAFKA_BROKERS=$ACME_TEST_KAFKA_BROKERS"
+    return 0
+  fi
+  if [ "${ACME_TEST_BROKER:-kafka}" = tansu ]; then
+    ensure_tansu
+    return
+  fi
+  ensure_java
+  local dir started
+  dir=$(mktemp -d /tmp/acme-kafka.XXXXXX)
+  started=$(date +%s.%N)
+  log "Kafka: starting Apache Kafka (one node) in $dir"
+  CLEANUP+=("scripts/kafka stop --dir $dir --purge >/dev/null 2>&1")
+  local line
+  line=$(scripts/kafka start --dir "$dir")
+  export ACME_TEST_KAFKA_BROKERS=${line#KAFKA_BROKERS=}
+  export ACME_TEST_KAFKA_DIR=$dir
+  log "Kafka: $ACME_TEST_KAFKA_BROKERS ready in $(python3 -c "import time; print(round(time.time() - $started, 1))") s"
+}
+
+ensure_tansu() {
   local tansu
   tansu=$(command -v tansu || true)
   [ -z "$tansu" ] && [ -x "$HOME/.cargo/bin/tansu" ] && tansu=$HOME/.cargo/bin/tansu
@@ -121,11 +154,6 @@ ensure_broker() {
     log "installing the Tansu broker $TANSU_VERSION (about 13 minutes on 2 cores, once)"
     cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
     tansu=$HOME/.cargo/bin/tansu
-  fi
-  export ACME_TEST_TANSU=$tansu
-  if [ -n "${ACME_TEST_KAFKA_BROKERS:-}" ]; then
-    log "Kafka: using ACME_TEST_KAFKA_BROKERS=$ACME_TEST_KAFKA_BROKERS"
-    return 0
   fi
   local port log_file
   port=$(free_port)

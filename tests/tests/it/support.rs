@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use api::config::{Config, Secret};
@@ -262,69 +262,109 @@ pub fn delete_event(event_id: &str, contact_id: &str, timestamp: &str) -> Value 
     json!({ "event": "contact.deleted", "timestamp": timestamp, "id": event_id, "data": { "id": contact_id } })
 }
 
-/// A Tansu broker of a test's own, which the test may stop and restart on the same port.
+/// An Apache Kafka cluster of a test's own, run by `scripts/kafka` in a directory of its own,
+/// which the test may kill and restart on the same ports, with its data.
 pub struct OwnBroker {
-    pub port: u16,
-    child: Option<Child>,
+    dir: std::path::PathBuf,
+    nodes: i32,
+    brokers: String,
+}
+
+fn kafka_script() -> String {
+    std::env::var("ACME_TEST_KAFKA_SCRIPT")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/kafka").to_owned())
 }
 
 impl OwnBroker {
+    /// One node.
     pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let mut broker = Self { port, child: None };
-        broker.restart();
-        broker
+        Self::start_nodes(1)
+    }
+
+    /// `nodes` combined broker + controller nodes (`node.id` 1 to `nodes`); from 3 on, topics
+    /// default to replication factor 3 with `min.insync.replicas` 2.
+    pub fn start_nodes(nodes: i32) -> Self {
+        let mut cluster = Self {
+            dir: std::env::temp_dir().join(unique("acme-kafka")),
+            nodes,
+            brokers: String::new(),
+        };
+        cluster.brokers = cluster.run_start(Some(nodes));
+        cluster
     }
 
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.brokers.clone()
     }
 
-    /// Starts the broker process (again) on the same port and waits until it accepts connections.
+    /// `scripts/kafka start`: creates the cluster, or restarts the nodes that are down.
+    fn run_start(&self, nodes: Option<i32>) -> String {
+        let mut command = Command::new(kafka_script());
+        command.arg("start").arg("--dir").arg(&self.dir);
+        if let Some(nodes) = nodes {
+            command.args(["--nodes", &nodes.to_string()]);
+        }
+        let output = command.output().expect("run scripts/kafka");
+        assert!(
+            output.status.success(),
+            "scripts/kafka start failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix("KAFKA_BROKERS="))
+            .expect("a KAFKA_BROKERS= line")
+            .to_owned()
+    }
+
+    /// Starts the nodes that are down again, on their ports, with their data.
     pub fn restart(&mut self) {
-        let tansu = std::env::var("ACME_TEST_TANSU").unwrap_or_else(|_| "tansu".to_owned());
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = Command::new(tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu (set ACME_TEST_TANSU or run scripts/test)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        self.run_start(None);
+    }
+
+    /// SIGKILL of node `id` (its `node.id`).
+    pub fn kill(&self, id: i32) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("node-{id}.pid"))) {
+            let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }
     }
 
-    /// Kills the broker process.
+    /// SIGKILL of every node.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        for id in 1..=self.nodes {
+            self.kill(id);
         }
+    }
+
+    /// The node leading each partition of `topic`.
+    pub fn leaders(&self, topic: &str) -> std::collections::BTreeMap<i32, i32> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let client: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .expect("metadata client");
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        metadata.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| (p.id(), p.leader()))
+            .collect()
     }
 }
 
 impl Drop for OwnBroker {
+    /// Kills every node (a clean stop takes seconds per node) and deletes the cluster.
     fn drop(&mut self) {
         self.stop();
+        let _ = Command::new(kafka_script())
+            .arg("stop")
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--purge")
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
