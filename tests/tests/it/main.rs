@@ -1,4 +1,4 @@
-//! Integration tests against real PostgreSQL and a real Kafka-protocol broker (Tansu).
+//! Integration tests against real PostgreSQL and real Apache Kafka (scripts/kafka).
 //! Run them with `scripts/test`, which provides both.
 mod consumers;
 mod contract;

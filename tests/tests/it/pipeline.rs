@@ -1,5 +1,5 @@
 //! Outbox -> Kafka -> consumer, end to end through real HTTP, PostgreSQL and a Kafka-protocol
-//! broker (Tansu).
+//! broker (Apache Kafka).
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
