@@ -244,11 +244,17 @@ impl Config {
                 "must be non-empty and use only [a-zA-Z0-9._-]",
             );
         }
-        if self.kafka.partitions < 1 {
-            return invalid("kafka.partitions", "must be at least 1");
+        if self.kafka.partitions < 1 && self.kafka.partitions != -1 {
+            return invalid(
+                "kafka.partitions",
+                "must be at least 1, or -1 for the cluster's num.partitions",
+            );
         }
-        if self.kafka.replication_factor < 1 {
-            return invalid("kafka.replication_factor", "must be at least 1");
+        if self.kafka.replication_factor < 1 && self.kafka.replication_factor != -1 {
+            return invalid(
+                "kafka.replication_factor",
+                "must be at least 1, or -1 for the cluster's default.replication.factor",
+            );
         }
         if self.ingest.batch_max == 0 {
             return invalid("ingest.batch_max", "must be greater than 0");

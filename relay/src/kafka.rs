@@ -47,8 +47,11 @@ fn set_defaults(client: &mut ClientConfig, defaults: &[(&str, &str)]) {
     }
 }
 
-/// Creates the event topics and the dead-letter topic when they are missing.
-pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
+/// Creates the event topics and the dead-letter topic when they are missing, with
+/// `kafka.partitions` partitions and `kafka.replication_factor` replicas (`-1`: the cluster's
+/// `num.partitions` / `default.replication.factor`). A cluster that cannot satisfy them fails
+/// the start with an error naming the setting.
+pub async fn ensure_topics(config: &KafkaConfig) -> anyhow::Result<()> {
     let client_config = client_config(config);
     let admin: AdminClient<DefaultClientContext> = blocking(move || client_config.create()).await?;
     let topics = config.all_topics();
@@ -69,14 +72,39 @@ pub async fn ensure_topics(config: &KafkaConfig) -> Result<(), KafkaError> {
         match result {
             Ok(topic) => tracing::info!(%topic, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(%topic, ?code, "could not create topic");
-                });
-            }
+            Err((topic, code)) => anyhow::bail!("{}", topic_error(config, &topic, code)),
         }
     }
     Ok(())
+}
+
+/// Why the cluster refused to create `topic`, in terms of the setting to change.
+fn topic_error(config: &KafkaConfig, topic: &str, code: RDKafkaErrorCode) -> String {
+    match code {
+        RDKafkaErrorCode::InvalidReplicationFactor => format!(
+            "kafka.replication_factor = {} cannot be satisfied: the cluster refused topic {topic} \
+             ({code}: it has fewer live brokers than that); lower kafka.replication_factor, or \
+             set it to -1 for the cluster's default.replication.factor",
+            config.replication_factor
+        ),
+        RDKafkaErrorCode::InvalidPartitions => format!(
+            "kafka.partitions = {} cannot be satisfied: the cluster refused topic {topic} ({code})",
+            config.partitions
+        ),
+        RDKafkaErrorCode::PolicyViolation | RDKafkaErrorCode::InvalidConfig => format!(
+            "the cluster refused topic {topic} with kafka.partitions = {} and \
+             kafka.replication_factor = {} ({code}); check the cluster's topic policy",
+            config.partitions, config.replication_factor
+        ),
+        RDKafkaErrorCode::TopicAuthorizationFailed
+        | RDKafkaErrorCode::ClusterAuthorizationFailed => {
+            format!(
+                "not allowed to create topic {topic} ({code}): create the topics beforehand \
+                 and set kafka.create_topics = false, or grant CREATE"
+            )
+        }
+        code => format!("could not create topic {topic}: {code}"),
+    }
 }
 
 /// Asks the cluster for its metadata: the readiness probe of the broker.

@@ -18,9 +18,10 @@ async fn the_relay_keeps_every_event_through_a_leader_change() {
     let url = fresh_database().await;
     let mut config = test_config(&url);
     config.kafka.brokers = Some(cluster.brokers());
-    config.kafka.partitions = 3;
-    config.kafka.replication_factor = 3;
-    config.kafka.message_timeout_ms = 30_000;
+    // The cluster's defaults: 3 partitions, replication factor 3 on three nodes.
+    config.kafka.partitions = -1;
+    config.kafka.replication_factor = -1;
+    config.kafka.message_timeout_ms = 60_000;
     let app = Arc::new(TestApp::start(config.clone(), Roles::ALL).await);
 
     let sending = Arc::new(AtomicBool::new(true));
@@ -47,6 +48,12 @@ async fn the_relay_keeps_every_event_through_a_leader_change() {
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
     let topic = config.kafka.topic_for("contact.created");
+    let layout = cluster.partitions(&topic);
+    assert_eq!(layout.len(), 3, "the cluster's num.partitions: {layout:?}");
+    assert!(
+        layout.values().all(|(_, replicas)| *replicas == 3),
+        "{layout:?}"
+    );
     let before = cluster.leaders(&topic);
     let victim = before[&0];
     cluster.kill(victim);
@@ -102,5 +109,24 @@ async fn the_relay_keeps_every_event_through_a_leader_change() {
     eprintln!(
         "{} messages on the topic, {duplicated} events published more than once",
         messages.len()
+    );
+}
+
+/// A replication factor the cluster cannot satisfy (3 on one node) stops the service at start
+/// with an error that names the setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_factor_the_cluster_cannot_satisfy_stops_the_start_naming_it() {
+    let mut config = test_config(&fresh_database().await);
+    config.kafka.brokers = Some(kafka_brokers());
+    config.kafka.replication_factor = 3;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let error = api::Service::start(config, Roles::ALL, Some(listener))
+        .await
+        .err()
+        .expect("the start fails");
+    let text = format!("{error:#}");
+    assert!(
+        text.contains("kafka.replication_factor = 3 cannot be satisfied"),
+        "{text}"
     );
 }

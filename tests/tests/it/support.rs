@@ -338,6 +338,14 @@ impl OwnBroker {
 
     /// The node leading each partition of `topic`.
     pub fn leaders(&self, topic: &str) -> std::collections::BTreeMap<i32, i32> {
+        self.partitions(topic)
+            .into_iter()
+            .map(|(partition, (leader, _))| (partition, leader))
+            .collect()
+    }
+
+    /// Each partition of `topic`: its leader and how many replicas it has.
+    pub fn partitions(&self, topic: &str) -> std::collections::BTreeMap<i32, (i32, usize)> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let client: BaseConsumer = rdkafka::ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
@@ -349,7 +357,7 @@ impl OwnBroker {
         metadata.topics()[0]
             .partitions()
             .iter()
-            .map(|p| (p.id(), p.leader()))
+            .map(|p| (p.id(), (p.leader(), p.replicas().len())))
             .collect()
     }
 }
