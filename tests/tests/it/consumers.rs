@@ -68,15 +68,7 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
     let mut config = test_config(&fresh_database().await);
     config.kafka.brokers = Some(kafka_brokers());
     config.kafka.partitions = 3;
-    let ingest = TestApp::start(
-        config.clone(),
-        Roles {
-            http: true,
-            relay: true,
-            consumer: false,
-        },
-    )
-    .await;
+    let ingest = TestApp::start(config.clone(), INGEST_AND_RELAY).await;
     // Two group members per process: each of them owns partitions, and a kill ends both.
     let fast = [
         ("ACME_WEBHOOKS_CONSUMER__REBALANCE_INTERVAL_MS", "500"),

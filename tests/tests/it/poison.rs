@@ -84,15 +84,7 @@ async fn data_errors_in_the_middle_of_a_batch_dead_letter_exactly_their_events()
     let mut config = test_config(&url);
     config.kafka.brokers = Some(kafka_brokers());
     config.kafka.partitions = 1; // one partition: the whole backlog is one batch
-    let mut senders = TestApp::start(
-        config.clone(),
-        Roles {
-            http: true,
-            relay: true,
-            consumer: false,
-        },
-    )
-    .await;
+    let mut senders = TestApp::start(config.clone(), INGEST_AND_RELAY).await;
     senders
         .db
         .execute_unprepared(
@@ -244,24 +236,7 @@ async fn a_database_outage_is_retried_and_fails_nothing() {
     config.kafka.brokers = Some(kafka_brokers());
     let app = Arc::new(TestApp::start(config.clone(), Roles::ALL).await);
     let sending = Arc::new(AtomicBool::new(true));
-    let sender = {
-        let (app, sending) = (app.clone(), sending.clone());
-        tokio::spawn(async move {
-            let mut acknowledged = 0usize;
-            for event in creates(400) {
-                if !sending.load(Ordering::Relaxed) {
-                    break;
-                }
-                // AcmeCRM retries until it gets its 200.
-                while app.post_signed_json(&event).await.status() != 200 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                acknowledged += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            acknowledged
-        })
-    };
+    let sender = send_creates_until(app.clone(), sending.clone(), 400);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let admin = sea_orm::Database::connect(admin_database_url())
         .await

@@ -25,27 +25,7 @@ async fn the_relay_keeps_every_event_through_a_leader_change() {
     let app = Arc::new(TestApp::start(config.clone(), Roles::ALL).await);
 
     let sending = Arc::new(AtomicBool::new(true));
-    let sender = {
-        let (app, sending) = (app.clone(), sending.clone());
-        tokio::spawn(async move {
-            let mut acknowledged = 0usize;
-            while sending.load(Ordering::Relaxed) {
-                let i = acknowledged;
-                let event = contact_event(
-                    "contact.created",
-                    &format!("evt-{i}"),
-                    &format!("contact-{i}"),
-                    "2025-05-19T10:00:00Z",
-                );
-                while app.post_signed_json(&event).await.status() != 200 {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                acknowledged += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            acknowledged
-        })
-    };
+    let sender = send_creates_until(app.clone(), sending.clone(), usize::MAX);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let topic = config.kafka.topic_for("contact.created");
     let layout = cluster.partitions(&topic);

@@ -441,3 +441,38 @@ pub fn dependency(readiness: &Value, name: &str) -> Value {
         .cloned()
         .unwrap_or_default()
 }
+
+/// Roles that take webhooks and publish them, without consuming.
+pub const INGEST_AND_RELAY: Roles = Roles {
+    http: true,
+    relay: true,
+    consumer: false,
+};
+
+/// AcmeCRM in the background: creates `evt-<i>` of `contact-<i>` one after another, about 100/s,
+/// each posted again until it gets its 200, while `sending` holds and until `max` were
+/// acknowledged; yields how many were.
+pub fn send_creates_until(
+    app: std::sync::Arc<TestApp>,
+    sending: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    max: usize,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut acknowledged = 0;
+        while acknowledged < max && sending.load(std::sync::atomic::Ordering::Relaxed) {
+            let i = acknowledged;
+            let event = contact_event(
+                "contact.created",
+                &format!("evt-{i}"),
+                &format!("contact-{i}"),
+                "2025-05-19T10:00:00Z",
+            );
+            while app.post_signed_json(&event).await.status() != 200 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            acknowledged += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        acknowledged
+    })
+}
