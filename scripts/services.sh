@@ -49,9 +49,11 @@ ensure_build_tools() {
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
+# cargo-nextest from source: crates.io carries no prebuilt binary and its release downloads are
+# out of reach here. About 4.5 minutes on 2 cores (4 min 18 s for 0.9.151), once per machine.
 ensure_nextest() {
   cargo nextest --version >/dev/null 2>&1 && return 0
-  log "installing cargo-nextest"
+  log "installing cargo-nextest (about 4.5 minutes on 2 cores, once)"
   cargo install cargo-nextest --locked
 }
 
@@ -71,6 +73,21 @@ pg_accepts() { # url
   command -v psql >/dev/null && PGCONNECT_TIMEOUT=3 psql "$1" -w -tAc 'select 1' >/dev/null 2>&1
 }
 
+# The directory of a PostgreSQL server's initdb, pg_ctl and postgres: the newest
+# /usr/lib/postgresql/<version>/bin that has all three (postgresql-client alone makes that
+# directory too, with psql only), else where initdb on PATH really lives (/usr/local/bin may hold
+# symbolic links to them). Prints nothing when there is none.
+pg_server_bindir() {
+  local dir
+  for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -rV) \
+    "$(dirname "$(readlink -f "$(command -v initdb 2>/dev/null || echo /nonexistent/initdb)")")"; do
+    if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ] && [ -x "$dir/postgres" ]; then
+      echo "$dir"
+      return 0
+    fi
+  done
+}
+
 # Exports ACME_TEST_DATABASE_URL: the given one; else a local server that lets `postgres` in
 # without a password; else a throwaway cluster started here (installing PostgreSQL if needed).
 ensure_postgres() {
@@ -85,10 +102,11 @@ ensure_postgres() {
     return 0
   fi
   local bindir
-  bindir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  bindir=$(pg_server_bindir)
   if [ -z "$bindir" ]; then
     apt_install postgresql postgresql-client
-    bindir=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    bindir=$(pg_server_bindir)
+    [ -n "$bindir" ] || { log "PostgreSQL: no initdb and pg_ctl after installing postgresql"; return 1; }
   fi
   local dir port user
   dir=$(mktemp -d /tmp/acme-pg.XXXXXX)
@@ -111,12 +129,28 @@ ensure_postgres() {
   export ACME_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$port/postgres
 }
 
-# Java (17 or newer) and Maven, which scripts/kafka assembles Apache Kafka with.
+java_major() { # the major version of the java scripts/kafka runs (8 for 1.8), nothing if none
+  local java=${JAVA_HOME:+$JAVA_HOME/bin/}java
+  command -v "$java" >/dev/null || return 0
+  "$java" -XshowSettings:properties -version 2>&1 |
+    sed -n 's/^ *java\.specification\.version = \(1\.\)\{0,1\}\([0-9]*\).*/\2/p'
+}
+
+# Java (17 or newer) and Maven, which scripts/kafka assembles and runs Apache Kafka with.
+# Debian's default-jre-headless is 17 on bookworm, 21 on trixie; an older default falls back to
+# openjdk-17-jre-headless.
 ensure_java() {
-  local missing=()
-  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  local missing=() major
+  major=$(java_major)
+  [ "${major:-0}" -ge 17 ] 2>/dev/null || missing+=(default-jre-headless)
   command -v mvn >/dev/null || missing+=(maven)
   if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+  major=$(java_major)
+  if ! [ "${major:-0}" -ge 17 ] 2>/dev/null; then
+    apt_install openjdk-17-jre-headless
+    major=$(java_major)
+    [ "${major:-0}" -ge 17 ] 2>/dev/null || { log "Kafka needs Java 17 or newer; java is ${major:-missing}"; return 1; }
+  fi
 }
 
 # Exports ACME_TEST_KAFKA_BROKERS: the given one, else a one-node Apache Kafka started here
