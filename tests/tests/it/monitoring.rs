@@ -2,7 +2,9 @@
 //! Prometheus scraping a running service loads them, sees the target up, evaluates every rule
 //! without error, and finds every metric the rules and the Grafana dashboard use; each dashboard
 //! query answers with data. Needs Debian's `prometheus` package (scripts/test installs it).
-use std::collections::BTreeSet;
+//! The alerts' runbook links point at headings that exist, and no link of the README or of
+//! `docs/` leaves the repository or names a heading that is not there.
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -155,6 +157,221 @@ fn the_dashboard_is_importable_json_whose_queries_parse() {
     for (_, expr) in &queries {
         metric_names(expr); // panics on invalid PromQL
     }
+}
+
+/// GitHub's anchor of a heading: lowercase; letters, digits, `-` and `_` kept, each space made a
+/// `-`, everything else dropped (`AcmeWebhooksBatchFailing` -> `acmewebhooksbatchfailing`,
+/// `Production: PostgreSQL + Kafka` -> `production-postgresql--kafka`).
+fn heading_slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The anchors of a markdown file's headings (`#` to `######` outside fenced code); a repeated
+/// heading gets `-1`, `-2`, ... as on GitHub.
+fn markdown_anchors(path: &Path) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut anchors = BTreeSet::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+            continue;
+        }
+        if fenced {
+            continue;
+        }
+        let hashes = line.len() - line.trim_start_matches('#').len();
+        if (1..=6).contains(&hashes) && line[hashes..].starts_with(' ') {
+            let slug = heading_slug(&line[hashes..]);
+            let count = seen.entry(slug.clone()).or_insert(0);
+            anchors.insert(if *count == 0 {
+                slug
+            } else {
+                format!("{slug}-{count}")
+            });
+            *count += 1;
+        }
+    }
+    anchors
+}
+
+/// A markdown text without its fenced code blocks and inline code spans (a run of backticks up
+/// to the next run of the same length), so that what remains `](` starts a link.
+fn outside_code(text: &str) -> String {
+    let mut prose = String::new();
+    let mut fenced = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced {
+            prose.push_str(line);
+        }
+        prose.push('\n');
+    }
+    let chars: Vec<char> = prose.chars().collect();
+    let backticks = |from: usize| chars[from..].iter().take_while(|&&c| c == '`').count();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i] != '`' {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        let run = backticks(i);
+        let mut j = i + run;
+        let mut close = None;
+        while j < chars.len() {
+            if chars[j] == '`' {
+                let other = backticks(j);
+                if other == run {
+                    close = Some(j + other);
+                    break;
+                }
+                j += other;
+            } else {
+                j += 1;
+            }
+        }
+        match close {
+            Some(end) => i = end,
+            None => {
+                // An unclosed run is literal text.
+                out.extend(&chars[i..i + run]);
+                i += run;
+            }
+        }
+    }
+    out
+}
+
+/// The target of every inline link `[text](target "title")` of a markdown text: its first word,
+/// without `<>`.
+fn link_targets(text: &str) -> Vec<String> {
+    let prose = outside_code(text);
+    let mut targets = Vec::new();
+    let mut rest = prose.as_str();
+    while let Some(at) = rest.find("](") {
+        rest = &rest[at + 2..];
+        let inside = rest.find(')').map_or("", |end| &rest[..end]);
+        let target = inside.split_whitespace().next().unwrap_or_default();
+        targets.push(
+            target
+                .trim_matches(|c: char| c == '<' || c == '>')
+                .to_owned(),
+        );
+    }
+    targets
+}
+
+#[test]
+fn every_runbook_link_of_the_alert_rules_points_at_an_existing_heading() {
+    let text = std::fs::read_to_string(repo_file(RULES)).expect("rules file");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("rules YAML");
+    let mut problems = Vec::new();
+    let mut alerts = 0;
+    for group in yaml["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let name = rule["alert"].as_str().expect("an alerting rule");
+            alerts += 1;
+            let Some(runbook) = rule["annotations"]["runbook"].as_str() else {
+                problems.push(format!("{name}: no runbook annotation"));
+                continue;
+            };
+            let Some((path, anchor)) = runbook.split_once('#') else {
+                problems.push(format!(
+                    "{name}: runbook `{runbook}` is not <path>#<anchor>"
+                ));
+                continue;
+            };
+            let file = repo_file(path);
+            if !file.is_file() {
+                problems.push(format!("{name}: runbook file {path} does not exist"));
+            } else if !markdown_anchors(&file).contains(anchor) {
+                problems.push(format!(
+                    "{name}: {path} has no heading whose anchor is #{anchor}"
+                ));
+            }
+        }
+    }
+    assert!(alerts >= 10, "{alerts} alerts in {RULES}");
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn no_markdown_link_leaves_the_repository() {
+    let root = repo_file(".").canonicalize().expect("repository root");
+    let mut documents = vec![root.join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/")
+        .map(|entry| entry.expect("docs/ entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "md"))
+        .collect();
+    docs.sort();
+    documents.extend(docs);
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for document in &documents {
+        let text = std::fs::read_to_string(document).expect("markdown file");
+        let shown = document
+            .strip_prefix(&root)
+            .unwrap_or(document.as_path())
+            .display()
+            .to_string();
+        for target in link_targets(&text) {
+            if ["http://", "https://", "mailto:"]
+                .iter()
+                .any(|scheme| target.starts_with(scheme))
+            {
+                continue;
+            }
+            checked += 1;
+            if target.is_empty() {
+                problems.push(format!("{shown}: a link without a target"));
+                continue;
+            }
+            let (path, anchor) = target.split_once('#').unwrap_or((target.as_str(), ""));
+            let resolved = if path.is_empty() {
+                document.clone()
+            } else {
+                match document
+                    .parent()
+                    .expect("a directory")
+                    .join(path)
+                    .canonicalize()
+                {
+                    Ok(resolved) => resolved,
+                    Err(e) => {
+                        problems.push(format!("{shown}: ({target}) does not exist: {e}"));
+                        continue;
+                    }
+                }
+            };
+            if !resolved.starts_with(&root) {
+                problems.push(format!(
+                    "{shown}: ({target}) leaves the repository: {}",
+                    resolved.display()
+                ));
+            } else if !anchor.is_empty()
+                && resolved.extension().is_some_and(|ext| ext == "md")
+                && !markdown_anchors(&resolved).contains(anchor)
+            {
+                problems.push(format!("{shown}: ({target}) names no heading of that file"));
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} relative links found");
+    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 /// A Prometheus process of the test's own, killed when dropped.
