@@ -65,7 +65,8 @@ async fn processed(db: &sea_orm::DatabaseConnection) -> i64 {
 /// it covers whichever one a Kafka group would have made leader.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twice() {
-    let mut config = test_config(&fresh_database().await);
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
     config.kafka.brokers = Some(kafka_brokers());
     config.kafka.partitions = 3;
     let ingest = TestApp::start(config.clone(), INGEST_AND_RELAY).await;
@@ -141,7 +142,8 @@ async fn a_killed_consumer_is_replaced_within_seconds_and_nothing_is_applied_twi
 /// between batches: both end up owning partitions and nothing is applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_joining_consumer_gets_its_share() {
-    let mut config = test_config(&fresh_database().await);
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
     config.kafka.brokers = Some(kafka_brokers());
     config.consumer.rebalance_interval_ms = 300;
     let per_process = config.consumer.members;

@@ -78,10 +78,11 @@ async fn get_json(app: &TestApp, path: &str) -> Value {
 
 /// Every role over Kafka, with the admin API.
 async fn full_app() -> TestApp {
-    let mut config = test_config(&fresh_database().await);
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
     config.kafka.brokers = Some(kafka_brokers());
     config.admin.token = Some(Secret::new(ADMIN_TOKEN));
-    TestApp::start(config, Roles::ALL).await
+    TestApp::start(config, Roles::ALL).await.owning(database)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +327,8 @@ fn the_spec_and_the_validator_agree_on_webhook_bodies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_405_names_the_allowed_methods_and_list_parameters_keep_to_the_spec() {
-    let mut config = test_config(&fresh_database().await);
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
     config.admin.token = Some(Secret::new(ADMIN_TOKEN));
     let app = TestApp::start(config, Roles::HTTP).await;
     let trace = reqwest::Method::from_bytes(b"TRACE").expect("a method");

@@ -59,7 +59,8 @@ fn tempfile_dir(name: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_swagger_ui_renders_the_webhook_and_admin_operations_in_a_browser() {
-    let mut config = test_config(&fresh_database().await);
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
     config.admin.token = Some(Secret::new("admin-token-123"));
     let app = TestApp::start(config, Roles::HTTP).await;
     let url = app.url("/docs");

@@ -16,19 +16,25 @@ const ADMIN_TOKEN: &str = "hostile-admin-token";
 /// An HTTP-only app on Postgres (or on SQLite in `data_dir`), with the admin API on and one
 /// stored event, so "nothing changed" is checked against a non-empty store.
 async fn app_with(configure: impl FnOnce(&mut Config), sqlite: bool) -> TestApp {
-    let mut config = if sqlite {
+    let database = if sqlite {
+        None
+    } else {
+        Some(fresh_database().await)
+    };
+    let mut config = if let Some(database) = &database {
+        test_config(database)
+    } else {
         let mut config = Config::defaults();
         let dir = std::env::temp_dir().join(unique("acme-hostile"));
         std::fs::create_dir_all(&dir).expect("temp dir");
         config.database.data_dir = dir;
         config.webhook.secrets = vec![Secret::new(SECRET)];
         config
-    } else {
-        test_config(&fresh_database().await)
     };
     config.admin.token = Some(Secret::new(ADMIN_TOKEN));
     configure(&mut config);
     let mut app = TestApp::start(config, Roles::HTTP).await;
+    app.database = database;
     let seed = contact_event("contact.created", "evt_seed", "c1", "2025-05-19T00:00:00Z");
     assert_eq!(app.post_signed_json(&seed).await.status(), 200);
     // No pooled connection stays open behind the tests' backs (it would count against the cap).

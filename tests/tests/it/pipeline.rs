@@ -473,15 +473,17 @@ async fn an_event_lost_on_the_bus_is_published_again_and_processed() {
 }
 
 /// A migrated database behind ONE connection, with `seed` run on it: whatever a test reads from
-/// the session (statistics, prepared statements) is what the statements before it did.
-async fn one_connection_database(seed: &str) -> sea_orm::DatabaseConnection {
+/// the session (statistics, prepared statements) is what the statements before it did. The
+/// database goes with the returned guard.
+async fn one_connection_database(seed: &str) -> (TestDatabase, sea_orm::DatabaseConnection) {
     use migration::MigratorTrait;
-    let mut options = sea_orm::ConnectOptions::new(fresh_database().await);
+    let database = fresh_database().await;
+    let mut options = sea_orm::ConnectOptions::new(database.url());
     options.max_connections(1).min_connections(1);
     let db = sea_orm::Database::connect(options).await.expect("connect");
     migration::Migrator::up(&db, None).await.expect("migrate");
     db.execute_unprepared(seed).await.expect("seed");
-    db
+    (database, db)
 }
 
 /// A `contact.updated` message as the relay publishes it.
@@ -522,7 +524,7 @@ async fn apply_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn applying_a_batch_never_scans_the_backlog() {
     // A backlog of pending events.
-    let db = one_connection_database(
+    let (_database, db) = one_connection_database(
         "INSERT INTO webhook_events (event_id, event_type, contact_id, payload, status) \
          SELECT 'evt-' || n, 'contact.updated', 'c-' || (n % 500), '{}', 'pending' \
          FROM generate_series(1, 20000) AS n",
@@ -571,7 +573,7 @@ async fn applying_a_batch_never_scans_the_backlog() {
 async fn new_batch_sizes_prepare_no_new_statements() {
     use relay::partitions::{TopicPartition, record_watermarks};
     // Pending events and partitions this member owns.
-    let db = one_connection_database(
+    let (_database, db) = one_connection_database(
         "INSERT INTO webhook_events (event_id, event_type, contact_id, payload, status) \
          SELECT 'evt-' || n, 'contact.updated', 'c-' || n, '{}', 'pending' \
          FROM generate_series(1, 100) AS n; \

@@ -387,7 +387,8 @@ fn edge_event(i: usize) -> impl Strategy<Value = Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_ingest_accepts_at_the_edges_is_applied() {
     const CASES: usize = 400;
-    let app = TestApp::start(test_config(&fresh_database().await), Roles::ALL).await;
+    let database = fresh_database().await;
+    let app = TestApp::start(test_config(&database), Roles::ALL).await;
     let mut runner = TestRunner::deterministic();
     let events: Vec<Value> = (0..CASES)
         .map(|i| {

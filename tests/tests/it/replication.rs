@@ -96,7 +96,8 @@ async fn the_relay_keeps_every_event_through_a_leader_change() {
 /// with an error that names the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replication_factor_the_cluster_cannot_satisfy_stops_the_start_naming_it() {
-    let mut config = test_config(&fresh_database().await);
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
     config.kafka.brokers = Some(kafka_brokers());
     config.kafka.replication_factor = 3;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

@@ -336,34 +336,112 @@ async fn retention_runs_on_the_embedded_sqlite_database() {
     let _ = std::fs::remove_dir_all(data_dir);
 }
 
-/// Two pruners at once (two relay replicas): no error, every old row deleted exactly once.
+/// Two pruners at once (two relay replicas). While one is in the middle of a batch, the other
+/// finds the pruners' lock taken: it ends its run at once, deletes nothing and says it yielded,
+/// and the first one deletes every old row. Then both run together, round after round: no
+/// error, every old row deleted exactly once, by one or the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_pruners_share_the_work_without_errors() {
-    let url = fresh_database().await;
-    let mut config = test_config(&url);
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
     short_retention(&mut config);
     config.retention.batch_size = 7;
     let db: DatabaseConnection = {
-        let app = TestApp::start(config.clone(), Roles::HTTP).await; // migrates
+        let app = TestApp::start(config.clone(), Roles::HTTP).await;
         app.db.clone()
     };
-    let old = ago(3 * 3600);
-    for i in 0..60 {
-        seed(
-            &db,
-            Seed {
-                event_id: &format!("old_{i}"),
-                status: "processed",
-                created_at: old,
-                processed_at: Some(old),
-                outbox: Some((Some(old), old)),
-            },
-        )
-        .await;
-    }
+    let seed_old = async |prefix: &str| {
+        let old = ago(3 * 3600);
+        for i in 0..60 {
+            seed(
+                &db,
+                Seed {
+                    event_id: &format!("{prefix}_{i}"),
+                    status: "processed",
+                    created_at: old,
+                    processed_at: Some(old),
+                    outbox: Some((Some(old), old)),
+                },
+            )
+            .await;
+        }
+    };
     let shutdown = CancellationToken::new();
     let a = Retention::new(db.clone(), config.retention.clone());
     let b = a.clone();
+
+    // A gate that holds the first DELETE on the outbox (the first pruner's first batch, inside
+    // its transaction) until the test opens it. Whoever arrives second passes straight through
+    // (the gate's own advisory lock, of the one-key space, is the first one's): a pruner that
+    // went ahead without the pruners' lock would prune while the first one waits.
+    db.execute_unprepared(
+        "CREATE TABLE retention_gate (open boolean NOT NULL); \
+         INSERT INTO retention_gate VALUES (false); \
+         CREATE FUNCTION hold_first_prune() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN \
+           IF pg_try_advisory_xact_lock(hashtext('retention_gate')) THEN \
+             WHILE NOT (SELECT open FROM retention_gate) LOOP PERFORM pg_sleep(0.05); END LOOP; \
+           END IF; \
+           RETURN NULL; \
+         END $$; \
+         CREATE TRIGGER hold_first_prune BEFORE DELETE ON outbox \
+           FOR EACH STATEMENT EXECUTE FUNCTION hold_first_prune()",
+    )
+    .await
+    .expect("the gate");
+    seed_old("held").await;
+    let first = tokio::spawn({
+        let a = a.clone();
+        let shutdown = shutdown.clone();
+        async move { a.prune_once(&shutdown).await }
+    });
+    wait_until(
+        "sessions waiting at the gate (the first pruner inside its first batch)",
+        1,
+        DRAIN,
+        || {
+            count(
+                &db,
+                "SELECT COUNT(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event = 'PgSleep'",
+            )
+        },
+    )
+    .await;
+    let second = tokio::time::timeout(Duration::from_secs(10), b.prune_once(&shutdown))
+        .await
+        .expect("the second pruner ended its run while the first was in a batch")
+        .expect("run b");
+    assert_eq!(
+        second,
+        PruneReport {
+            yielded: true,
+            ..PruneReport::default()
+        },
+        "a pruner that finds another one in a batch yields and deletes nothing"
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox").await, 60);
+    db.execute_unprepared("UPDATE retention_gate SET open = true")
+        .await
+        .expect("open the gate");
+    let first = first.await.expect("run a").expect("run a");
+    assert_eq!(
+        first,
+        PruneReport {
+            outbox: 60,
+            events: 60,
+            ..PruneReport::default()
+        },
+        "the first pruner did all the work"
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM webhook_events").await, 0);
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM outbox").await, 0);
+    db.execute_unprepared("DROP TRIGGER hold_first_prune ON outbox")
+        .await
+        .expect("no gate");
+
+    // Both at once, as two replicas' timers would start them.
+    seed_old("old").await;
     let mut total = PruneReport::default();
     // Until nothing is left: a run that finds the other pruning stops early.
     for _ in 0..100 {

@@ -1,5 +1,6 @@
-//! Test harness: a fresh Postgres database per test, a unique topic prefix and consumer group per
-//! test, the service started in-process on a port-0 listener, and signed-request helpers.
+//! Test harness: a Postgres database per test (cloned from a migrated template, dropped when the
+//! test ends), a unique topic prefix and consumer group per test, the service started in-process
+//! on a port-0 listener, and signed-request helpers.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -30,21 +31,213 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Creates an empty database of its own for one test; returns its URL.
-pub async fn fresh_database() -> String {
+/// A database of one test's own, dropped (`WITH (FORCE)`: whatever is still connected to it is
+/// cut off) when this guard goes, at the end of the test or while a panic unwinds it. Derefs to
+/// its URL, so `test_config(&db)` takes it. Keep it bound (`let db = fresh_database().await;`)
+/// until the test ends: `test_config(&fresh_database().await)` drops it at the end of that line.
+/// A test process that is killed (nextest's timeout) leaves its database behind. The drop is not
+/// free: PostgreSQL runs a checkpoint for every DROP DATABASE, and the test waits for it (about
+/// half a second on the 2-core test machine with `fsync=on`, more while other tests write).
+pub struct TestDatabase {
+    url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The URL, as `String::as_str` gave it when `fresh_database` returned one.
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::ops::Deref for TestDatabase {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.url
+    }
+}
+
+impl std::fmt::Display for TestDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+impl Drop for TestDatabase {
+    /// Drop is synchronous and may run inside the test's runtime, even while it shuts down: the
+    /// DROP DATABASE runs on a thread of its own with a runtime of its own, joined here.
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.name);
+        let dropped = std::thread::spawn({
+            let name = name.clone();
+            move || -> Result<(), String> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime.block_on(async {
+                    let admin = admin_connection().await.map_err(|e| e.to_string())?;
+                    let dropped = admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string());
+                    let _ = admin.close().await;
+                    dropped
+                })
+            }
+        })
+        .join();
+        // Never a panic here: one during an unwind would abort the test process.
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("test database {name} left behind: {error}"),
+            Err(_) => eprintln!("test database {name} left behind: its drop panicked"),
+        }
+    }
+}
+
+/// One connection to the admin database (a session: advisory locks are held by it).
+async fn admin_connection() -> Result<DatabaseConnection, sea_orm::DbErr> {
+    let mut options = sea_orm::ConnectOptions::new(admin_database_url());
+    options
+        .max_connections(1)
+        .min_connections(1)
+        .sqlx_logging(false);
+    Database::connect(options).await
+}
+
+/// The URL of database `name` on the test server.
+fn database_url(name: &str) -> String {
     let admin_url = admin_database_url();
-    let admin = Database::connect(&admin_url)
-        .await
-        .expect("connect to the test PostgreSQL server");
-    let name = unique("acme_test");
-    admin
-        .execute_unprepared(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("create test database");
     let base = admin_url
         .rsplit_once('/')
         .map_or(admin_url.as_str(), |(base, _)| base);
     format!("{base}/{name}")
+}
+
+/// Creates a database of its own for one test, cloned from the migrated template (see
+/// [`template_database`]): the service's start-up migration finds nothing to do.
+pub async fn fresh_database() -> TestDatabase {
+    let template = template_database().await;
+    create_database(&format!("TEMPLATE {template}")).await
+}
+
+/// Creates an EMPTY database of its own for one test (no tables, no migrations applied): for a
+/// test that the service migrates a new database at start.
+pub async fn empty_database() -> TestDatabase {
+    create_database("").await
+}
+
+async fn create_database(options: &str) -> TestDatabase {
+    let admin = admin_connection()
+        .await
+        .expect("connect to the test PostgreSQL server");
+    let name = unique("acme_test");
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE {name} {options}"))
+        .await
+        .expect("create test database");
+    let _ = admin.close().await;
+    TestDatabase {
+        url: database_url(&name),
+        name,
+    }
+}
+
+/// The name of the template every test database is cloned from: `acme_test_template_` and a
+/// hash of the migration set (the names `migration::Migrator` lists and the text of
+/// migration/src), so a changed migration makes a new template and checkouts with the same
+/// migrations share one. Nextest runs each test in a process of its own: the first process to
+/// need a template builds it under an advisory lock on the admin database, the others wait for
+/// it; it is built once per migration set, not per run, and stays on the server (drop it with
+/// `ALTER DATABASE … IS_TEMPLATE false; DROP DATABASE …` when its migrations are gone).
+pub async fn template_database() -> String {
+    static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+    TEMPLATE.get_or_init(build_template).await.clone()
+}
+
+/// A key of the two-int advisory lock space for the template's build: "acmt", 1 (retention's
+/// lock is "acmr", 1, and is taken in the test databases, not in the admin one).
+const TEMPLATE_LOCK: (i32, i32) = (0x6163_6d74, 1);
+
+fn migration_set_hash() -> String {
+    use migration::MigratorTrait;
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for migration in migration::Migrator::migrations() {
+        hash.update(migration.name().as_bytes());
+        hash.update(b"\n");
+    }
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../migration/src"));
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    files.sort();
+    for file in files {
+        if let Ok(text) = std::fs::read(&file) {
+            hash.update(file.file_name().unwrap_or_default().as_encoded_bytes());
+            hash.update(&text);
+        }
+    }
+    hex::encode(&hash.finalize()[..8])
+}
+
+async fn build_template() -> String {
+    let name = format!("acme_test_template_{}", migration_set_hash());
+    let ready =
+        format!("SELECT COUNT(*) FROM pg_database WHERE datname = '{name}' AND datistemplate");
+    let admin = admin_connection()
+        .await
+        .expect("connect to the test PostgreSQL server");
+    if count(&admin, &ready).await == 1 {
+        let _ = admin.close().await;
+        return name;
+    }
+    let (class, key) = TEMPLATE_LOCK;
+    admin
+        .execute_unprepared(&format!("SELECT pg_advisory_lock({class}, {key})"))
+        .await
+        .expect("the template's lock");
+    // Another process may have built it while this one waited.
+    if count(&admin, &ready).await == 0 {
+        // Not a template yet: a build that died half-way. Start again.
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .expect("drop a half-built template");
+        admin
+            .execute_unprepared(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the template");
+        let db = Database::connect(database_url(&name))
+            .await
+            .expect("connect to the template");
+        // What the service runs at start (`database.auto_migrate`).
+        api::db::migrate(&db).await.expect("migrate the template");
+        // Nobody may be connected to a template while it is cloned.
+        db.close().await.expect("disconnect from the template");
+        // The mark that it is complete (and what lets it be cloned by name).
+        admin
+            .execute_unprepared(&format!("ALTER DATABASE {name} WITH IS_TEMPLATE true"))
+            .await
+            .expect("mark the template");
+    }
+    admin
+        .execute_unprepared(&format!("SELECT pg_advisory_unlock({class}, {key})"))
+        .await
+        .expect("release the template's lock");
+    let _ = admin.close().await;
+    name
 }
 
 /// Configuration of one test: its own database, secret, topics and group.
@@ -73,21 +266,32 @@ pub struct TestApp {
     pub addr: Option<SocketAddr>,
     pub client: reqwest::Client,
     pub db: DatabaseConnection,
+    /// The database the app was made with, if it owns it: dropped with the app (the last field,
+    /// so after the service and the connections).
+    pub database: Option<TestDatabase>,
 }
 
 impl TestApp {
     /// HTTP role only, on a fresh database (no broker needed).
     pub async fn http_only() -> Self {
-        let url = fresh_database().await;
-        Self::start(test_config(&url), Roles::HTTP).await
+        let database = fresh_database().await;
+        Self::start(test_config(&database), Roles::HTTP)
+            .await
+            .owning(database)
     }
 
     /// Every role, against the shared test broker.
     pub async fn with_kafka() -> Self {
-        let url = fresh_database().await;
-        let mut config = test_config(&url);
+        let database = fresh_database().await;
+        let mut config = test_config(&database);
         config.kafka.brokers = Some(kafka_brokers());
-        Self::start(config, Roles::ALL).await
+        Self::start(config, Roles::ALL).await.owning(database)
+    }
+
+    /// This app with `database`, which is then dropped with it.
+    pub fn owning(mut self, database: TestDatabase) -> Self {
+        self.database = Some(database);
+        self
     }
 
     pub async fn start(config: Config, roles: Roles) -> Self {
@@ -108,6 +312,7 @@ impl TestApp {
             config,
             client: reqwest::Client::new(),
             db,
+            database: None,
         }
     }
 
