@@ -8,9 +8,9 @@ use anyhow::Context;
 use poem::{Endpoint, EndpointExt, Route};
 use poem_openapi::OpenApiService;
 use relay::bus;
-use relay::consumer::LagReporter;
+use relay::consume::LagReporter;
+use relay::publish::OutboxWakeup;
 use relay::roles::{self, RelaySettings};
-use relay::wakeup::OutboxWakeup;
 use sea_orm::DatabaseConnection;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -119,6 +119,19 @@ pub struct Roles {
 }
 
 impl Roles {
+    /// The roles as the metrics catalog names them.
+    pub fn metric_roles(self) -> Vec<relay::metrics::Role> {
+        use relay::metrics::Role;
+        [
+            (self.http, Role::Http),
+            (self.relay, Role::Relay),
+            (self.consumer, Role::Consumer),
+        ]
+        .into_iter()
+        .filter_map(|(on, role)| on.then_some(role))
+        .collect()
+    }
+
     pub const ALL: Self = Self {
         http: true,
         relay: true,
@@ -164,7 +177,7 @@ impl Service {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         telemetry::metrics_handle();
-        telemetry::register_metrics(roles);
+        telemetry::register_metrics(&roles.metric_roles());
 
         let db = db::connect(&config)
             .await
@@ -298,7 +311,7 @@ fn spawn_gauges(tasks: &mut JoinSet<()>, ops: Arc<OpsState>, shutdown: &Cancella
         shutdown.clone(),
     ));
     // A readiness probe opens a Kafka client of its own: less often than the backlog query.
-    tasks.spawn(telemetry::refresh_readiness_gauge(
+    tasks.spawn(crate::routes::health::refresh_readiness_gauge(
         ops,
         3 * every,
         shutdown.clone(),

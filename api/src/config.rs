@@ -8,7 +8,9 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use ipnet::IpNet;
-use relay::config::{ConsumerConfig, KafkaConfig, RelayConfig, RetentionConfig};
+use relay::config::{
+    ConsumerConfig, Invalid, KafkaConfig, RelayConfig, RetentionConfig, check, positive,
+};
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The documented defaults; the same file users copy as a starting point.
@@ -45,6 +47,19 @@ pub struct HttpConfig {
     pub max_connections: usize,
 }
 
+impl HttpConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        positive(self.max_body_bytes as u64, "http.max_body_bytes")?;
+        positive(
+            self.header_read_timeout_secs,
+            "http.header_read_timeout_secs",
+        )?;
+        positive(self.body_read_timeout_secs, "http.body_read_timeout_secs")?;
+        positive(self.idle_timeout_secs, "http.idle_timeout_secs")?;
+        positive(self.max_connections as u64, "http.max_connections")
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
@@ -56,6 +71,20 @@ pub struct WebhookConfig {
     pub trusted_proxies: Vec<IpNet>,
 }
 
+impl WebhookConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        positive(
+            self.timestamp_tolerance_secs,
+            "webhook.timestamp_tolerance_secs",
+        )?;
+        check(
+            self.secrets.iter().any(|s| s.expose().is_empty()),
+            "webhook.secrets",
+            "must not contain an empty secret",
+        )
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
@@ -63,6 +92,22 @@ pub struct DatabaseConfig {
     pub data_dir: PathBuf,
     pub max_connections: u32,
     pub auto_migrate: bool,
+}
+
+impl DatabaseConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        check(
+            self.url.as_ref().is_some_and(|url| {
+                let url = url.expose();
+                !(url.starts_with("postgres://")
+                    || url.starts_with("postgresql://")
+                    || url.starts_with("sqlite:"))
+            }),
+            "database.url",
+            "must start with postgres://, postgresql:// or sqlite:",
+        )?;
+        positive(self.max_connections, "database.max_connections")
+    }
 }
 
 /// `[ingest]`: group commit of the webhook write path.
@@ -73,10 +118,27 @@ pub struct IngestConfig {
     pub writers: usize,
 }
 
+impl IngestConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        positive(self.batch_max as u64, "ingest.batch_max")?;
+        positive(self.writers as u64, "ingest.writers")
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     pub token: Option<Secret>,
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        check(
+            self.token.as_ref().is_some_and(|t| t.expose().len() < 8),
+            "admin.token",
+            "must be at least 8 characters",
+        )
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -86,6 +148,10 @@ pub struct MetricsConfig {
 }
 
 impl MetricsConfig {
+    fn validate(&self) -> Result<(), Invalid> {
+        positive(self.backlog_refresh_secs, "metrics.backlog_refresh_secs")
+    }
+
     /// How often the backlog gauges (and the consumer's lag) are refreshed.
     pub fn backlog_refresh(&self) -> Duration {
         Duration::from_secs(self.backlog_refresh_secs)
@@ -149,6 +215,12 @@ pub enum ConfigError {
     Invalid { key: &'static str, reason: String },
 }
 
+impl From<Invalid> for ConfigError {
+    fn from(Invalid { key, reason }: Invalid) -> Self {
+        Self::Invalid { key, reason }
+    }
+}
+
 impl Config {
     /// Defaults, then `file` (if it exists, or fails if it was asked for explicitly), then env.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -181,130 +253,18 @@ impl Config {
             .expect("the checked-in defaults are valid")
     }
 
+    /// Each section's checks, in the order of the file; the first problem is reported.
     fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(key: &'static str, reason: &str) -> Result<(), ConfigError> {
-            Err(ConfigError::Invalid {
-                key,
-                reason: reason.to_owned(),
-            })
-        }
-        if self.http.max_body_bytes == 0 {
-            return invalid("http.max_body_bytes", "must be greater than 0");
-        }
-        if self.http.header_read_timeout_secs == 0 {
-            return invalid("http.header_read_timeout_secs", "must be greater than 0");
-        }
-        if self.http.body_read_timeout_secs == 0 {
-            return invalid("http.body_read_timeout_secs", "must be greater than 0");
-        }
-        if self.http.idle_timeout_secs == 0 {
-            return invalid("http.idle_timeout_secs", "must be greater than 0");
-        }
-        if self.http.max_connections == 0 {
-            return invalid("http.max_connections", "must be greater than 0");
-        }
-        if self.webhook.timestamp_tolerance_secs == 0 {
-            return invalid("webhook.timestamp_tolerance_secs", "must be greater than 0");
-        }
-        if self.webhook.secrets.iter().any(|s| s.expose().is_empty()) {
-            return invalid("webhook.secrets", "must not contain an empty secret");
-        }
-        if let Some(url) = &self.database.url {
-            let url = url.expose();
-            if !(url.starts_with("postgres://")
-                || url.starts_with("postgresql://")
-                || url.starts_with("sqlite:"))
-            {
-                return invalid(
-                    "database.url",
-                    "must start with postgres://, postgresql:// or sqlite:",
-                );
-            }
-        }
-        if self.database.max_connections == 0 {
-            return invalid("database.max_connections", "must be greater than 0");
-        }
-        if self
-            .kafka
-            .brokers
-            .as_deref()
-            .is_some_and(|b| b.trim().is_empty())
-        {
-            return invalid("kafka.brokers", "must not be empty when set");
-        }
-        if self.kafka.topic_prefix.is_empty()
-            || !self
-                .kafka
-                .topic_prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
-            return invalid(
-                "kafka.topic_prefix",
-                "must be non-empty and use only [a-zA-Z0-9._-]",
-            );
-        }
-        if self.kafka.partitions < 1 && self.kafka.partitions != -1 {
-            return invalid(
-                "kafka.partitions",
-                "must be at least 1, or -1 for the cluster's num.partitions",
-            );
-        }
-        if self.kafka.replication_factor < 1 && self.kafka.replication_factor != -1 {
-            return invalid(
-                "kafka.replication_factor",
-                "must be at least 1, or -1 for the cluster's default.replication.factor",
-            );
-        }
-        if self.ingest.batch_max == 0 {
-            return invalid("ingest.batch_max", "must be greater than 0");
-        }
-        if self.ingest.writers == 0 {
-            return invalid("ingest.writers", "must be greater than 0");
-        }
-        if self.consumer.batch_max == 0 {
-            return invalid("consumer.batch_max", "must be greater than 0");
-        }
-        if self.consumer.members == 0 {
-            return invalid("consumer.members", "must be greater than 0");
-        }
-        if self.relay.workers == 0 {
-            return invalid("relay.workers", "must be greater than 0");
-        }
-        if self.relay.batch_size == 0 {
-            return invalid("relay.batch_size", "must be greater than 0");
-        }
-        if self.relay.poll_interval_ms == 0 {
-            return invalid("relay.poll_interval_ms", "must be greater than 0");
-        }
-        if self
-            .admin
-            .token
-            .as_ref()
-            .is_some_and(|t| t.expose().len() < 8)
-        {
-            return invalid("admin.token", "must be at least 8 characters");
-        }
-        if self.retention.published_outbox_secs == 0 {
-            return invalid("retention.published_outbox_secs", "must be greater than 0");
-        }
-        if self.retention.processed_events_secs < self.retention.published_outbox_secs {
-            // An event goes only after its outbox rows: a shorter event retention would not
-            // take effect anyway.
-            return invalid(
-                "retention.processed_events_secs",
-                "must be at least retention.published_outbox_secs",
-            );
-        }
-        if self.retention.interval_secs == 0 {
-            return invalid("retention.interval_secs", "must be greater than 0");
-        }
-        if self.retention.batch_size == 0 {
-            return invalid("retention.batch_size", "must be greater than 0");
-        }
-        if self.metrics.backlog_refresh_secs == 0 {
-            return invalid("metrics.backlog_refresh_secs", "must be greater than 0");
-        }
+        self.http.validate()?;
+        self.webhook.validate()?;
+        self.database.validate()?;
+        self.kafka.validate()?;
+        self.ingest.validate()?;
+        self.consumer.validate()?;
+        self.relay.validate()?;
+        self.admin.validate()?;
+        self.retention.validate()?;
+        self.metrics.validate()?;
         Ok(())
     }
 

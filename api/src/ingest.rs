@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use relay::config::KafkaConfig;
-use relay::metric_names as names;
+use relay::metrics as names;
 use relay::outbox::{self, NewEvent};
-use relay::wakeup::OutboxWakeup;
+use relay::publish::OutboxWakeup;
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, TransactionTrait};
 use tokio::sync::{Mutex, mpsc, oneshot};
 

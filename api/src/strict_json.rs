@@ -13,10 +13,9 @@
 use std::cell::RefCell;
 use std::fmt;
 
+use relay::event::FieldError;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
-
-use crate::validation::FieldError;
 
 /// At most this many problems are listed; a body full of them is refused all the same.
 const MAX_PROBLEMS: usize = 50;

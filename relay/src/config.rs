@@ -1,8 +1,34 @@
-//! Settings of the Kafka clients, the relay and the consumer (sections of the service config).
+//! Settings of the Kafka clients, the relay, the consumer and retention (sections of the
+//! service config), each with the checks of its own values.
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+/// A setting that cannot be used: its dotted key and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}` {reason}")]
+pub struct Invalid {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+/// `Err` naming `key` when `bad`.
+pub fn check(bad: bool, key: &'static str, reason: &str) -> Result<(), Invalid> {
+    if bad {
+        Err(Invalid {
+            key,
+            reason: reason.to_owned(),
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// `Err` naming `key` when `value` is 0.
+pub fn positive(value: impl Into<u64>, key: &'static str) -> Result<(), Invalid> {
+    check(value.into() == 0, key, "must be greater than 0")
+}
 
 /// `[kafka]`: where the bus is and how topics are named.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -24,6 +50,33 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check(
+            self.brokers.as_deref().is_some_and(|b| b.trim().is_empty()),
+            "kafka.brokers",
+            "must not be empty when set",
+        )?;
+        check(
+            self.topic_prefix.is_empty()
+                || !self
+                    .topic_prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+            "kafka.topic_prefix",
+            "must be non-empty and use only [a-zA-Z0-9._-]",
+        )?;
+        check(
+            self.partitions < 1 && self.partitions != -1,
+            "kafka.partitions",
+            "must be at least 1, or -1 for the cluster's num.partitions",
+        )?;
+        check(
+            self.replication_factor < 1 && self.replication_factor != -1,
+            "kafka.replication_factor",
+            "must be at least 1, or -1 for the cluster's default.replication.factor",
+        )
+    }
+
     /// The topic of one event type, e.g. `acme.contact.created`.
     pub fn topic_for(&self, event_type: &str) -> String {
         format!("{}.{}", self.topic_prefix, event_type)
@@ -86,6 +139,12 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        positive(self.workers as u64, "relay.workers")?;
+        positive(self.batch_size, "relay.batch_size")?;
+        positive(self.poll_interval_ms, "relay.poll_interval_ms")
+    }
+
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
     }
@@ -112,6 +171,11 @@ pub struct ConsumerConfig {
 }
 
 impl ConsumerConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        positive(self.batch_max as u64, "consumer.batch_max")?;
+        positive(self.members as u64, "consumer.members")
+    }
+
     pub fn rebalance_interval(&self) -> Duration {
         Duration::from_millis(self.rebalance_interval_ms.max(1))
     }
@@ -138,6 +202,22 @@ pub struct RetentionConfig {
 }
 
 impl RetentionConfig {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        positive(
+            self.published_outbox_secs,
+            "retention.published_outbox_secs",
+        )?;
+        // An event goes only after its outbox rows: a shorter event retention would not take
+        // effect anyway.
+        check(
+            self.processed_events_secs < self.published_outbox_secs,
+            "retention.processed_events_secs",
+            "must be at least retention.published_outbox_secs",
+        )?;
+        positive(self.interval_secs, "retention.interval_secs")?;
+        positive(self.batch_size, "retention.batch_size")
+    }
+
     pub fn published_outbox(&self) -> Duration {
         Duration::from_secs(self.published_outbox_secs)
     }

@@ -118,11 +118,41 @@ impl ContactEvent {
         }
     }
 
+    /// Reads a stored payload (the consumer's side): [`Self::parse`], its errors as one line.
+    pub fn parse_stored(payload: Value) -> Result<Self, String> {
+        Self::parse(payload).map_err(|errors| {
+            let fields: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{} {}", e.field, e.message))
+                .collect();
+            fields.join("; ")
+        })
+    }
+
     /// The `data` object.
     pub fn data(&self) -> &Value {
         self.payload.get("data").unwrap_or(&Value::Null)
     }
+
+    pub fn is_deletion(&self) -> bool {
+        self.event_type == EventType::Deleted
+    }
+
+    /// This event's place in its contact's total order: a deletion above any create/update (a
+    /// tombstone is terminal), then `data.updatedAt` (the event `timestamp` when a deletion has
+    /// none), then the event `timestamp`, then the event id.
+    pub fn version(&self) -> Version {
+        (
+            self.is_deletion(),
+            self.updated_at.unwrap_or(self.timestamp),
+            self.timestamp,
+            self.event_id.clone(),
+        )
+    }
 }
+
+/// The place of an event in its contact's total order (compared field by field).
+pub type Version = (bool, DateTime<Utc>, DateTime<Utc>, String);
 
 /// Checks `data` for the event type; returns the contact id (when valid) and `updatedAt`.
 fn check_data(

@@ -21,15 +21,16 @@
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
-use entity::EventStatus;
 use sea_orm::{
     ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr, Statement, TransactionTrait,
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
-use crate::metric_names as names;
-use crate::outbox::{self, PruneCursor};
+use crate::metrics as names;
+use crate::outbox;
+use crate::sql::PruneCursor;
+use crate::webhook_events;
 
 /// First key of the pruners' advisory lock (two-int form): "acmr".
 const RETENTION_LOCK_CLASS: i32 = 0x6163_6d72;
@@ -148,38 +149,10 @@ impl Retention {
             txn.commit().await?;
             return Ok(Batch::Deleted(deleted, next));
         }
-        // SQLite (embedded mode) has one writer and no row locks: the same statement without them.
-        let lock = if postgres {
-            "FOR UPDATE OF e SKIP LOCKED"
-        } else {
-            ""
-        };
-        let limit = i64::try_from(self.config.batch_size).unwrap_or(i64::MAX);
-        // Ordered by the index (status, created_at, id); `$n` placeholders are understood by
-        // both PostgreSQL and SQLite.
-        let statement = Statement::from_sql_and_values(
-            backend,
-            format!(
-                "WITH doomed AS ( \
-                   SELECT e.id FROM webhook_events e \
-                   WHERE e.status = $1 AND e.created_at < $2 AND e.processed_at < $2 \
-                     AND (e.created_at, e.id) > ($3, $4) \
-                     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_id = e.event_id) \
-                   ORDER BY e.created_at, e.id LIMIT $5 {lock}) \
-                 DELETE FROM webhook_events WHERE id IN (SELECT id FROM doomed) \
-                 RETURNING created_at, id"
-            ),
-            [
-                EventStatus::Processed.as_str().into(),
-                cutoff.into(),
-                cursor.at.into(),
-                cursor.id.into(),
-                limit.into(),
-            ],
-        );
-        let rows = txn.query_all_raw(statement).await?;
+        let (deleted, next) =
+            webhook_events::prune_processed(&txn, cutoff, cursor, self.config.batch_size).await?;
         txn.commit().await?;
-        Ok(Batch::Deleted(rows.len() as u64, cursor.after(&rows)?))
+        Ok(Batch::Deleted(deleted, next))
     }
 
     /// Prunes every `interval_secs` until `shutdown`. The first run starts at once.

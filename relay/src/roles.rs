@@ -10,12 +10,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::{BusSink, BusSource};
 use crate::config::{ConsumerConfig, KafkaConfig, RelayConfig, RetentionConfig};
-use crate::consumer::{KafkaEventConsumer, LagReporter, run_in_process};
+use crate::consume::{EventProcessor, KafkaEventConsumer, LagReporter, run_in_process};
 use crate::outbox::republish_pending;
-use crate::outbox_relay::OutboxRelay;
-use crate::processor::EventProcessor;
+use crate::publish::{OutboxWakeup, Relay};
 use crate::retention::Retention;
-use crate::wakeup::OutboxWakeup;
 
 /// What the relay role is configured with.
 pub struct RelaySettings {
@@ -49,7 +47,7 @@ pub async fn spawn_relay(
         }
     }
     let publisher = sink.connect().await?;
-    let mut relay = OutboxRelay::new(db.clone(), publisher, settings.relay.clone());
+    let mut relay = Relay::new(db.clone(), publisher, settings.relay.clone());
     if recreate_topics {
         relay = relay.recreate_topics_after_failures(settings.kafka.clone());
     }

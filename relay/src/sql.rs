@@ -11,9 +11,10 @@
 //! therefore has ONE text whatever the batch size: a list travels as one array parameter, rows
 //! as one JSON document (like the ingest batch). SQLite, one writer and the embedded mode, keeps
 //! the plain lists.
+use chrono::{DateTime, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::sea_query::postgres_array::NotU8;
-use sea_orm::{ColumnTrait, DatabaseBackend, Value};
+use sea_orm::{ColumnTrait, DatabaseBackend, DbErr, Value};
 
 /// `column = ANY($1)` on PostgreSQL: one array parameter, one statement whatever the count;
 /// `column IN (...)` elsewhere.
@@ -36,4 +37,33 @@ where
 pub(crate) fn placeholders(first: usize, n: usize) -> String {
     let list: Vec<String> = (first + 1..=first + n).map(|i| format!("${i}")).collect();
     format!("({})", list.join(", "))
+}
+
+/// Where the next batch of a pruning run starts: after the last row the previous batch deleted
+/// (its time, then id, in the order of the index the run walks), so a batch never walks the
+/// index entries of rows deleted before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PruneCursor {
+    pub at: DateTime<Utc>,
+    pub id: i64,
+}
+
+impl PruneCursor {
+    pub const START: Self = Self {
+        at: DateTime::UNIX_EPOCH,
+        id: 0,
+    };
+
+    /// The cursor after `rows` (each `(time, id)`, as a pruning statement returns them).
+    pub fn after(self, rows: &[sea_orm::QueryResult]) -> Result<Self, DbErr> {
+        let mut next = self;
+        for row in rows {
+            let at = Self {
+                at: row.try_get_by_index(0)?,
+                id: row.try_get_by_index(1)?,
+            };
+            next = next.max(at);
+        }
+        Ok(next)
+    }
 }

@@ -11,7 +11,8 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, SecurityScheme};
 use relay::outbox::Backlog;
-use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use relay::webhook_events::{self, Filter};
+use sea_orm::DatabaseConnection;
 use subtle::ConstantTimeEq;
 
 use crate::app::AppState;
@@ -171,17 +172,11 @@ impl AdminApi {
         cursor: Query<Option<i64>>,
     ) -> ApiResult<Json<EventPage>> {
         let limit = limit.0.unwrap_or(DEFAULT_PAGE);
-        let mut query = webhook_event::Entity::find()
-            .order_by_desc(webhook_event::Column::Id)
-            .limit(limit + 1);
-        if let Some(status) = status.0 {
-            query = query.filter(webhook_event::Column::Status.eq(status));
-        }
-        query = query.filter(type_and_time(event_type.0, since.0, until.0)?);
-        if let Some(before) = cursor.0 {
-            query = query.filter(webhook_event::Column::Id.lt(before));
-        }
-        let mut rows = query.all(&state.db).await?;
+        let filter = Filter {
+            status: status.0,
+            ..events_filter(event_type.0, since.0, until.0)?
+        };
+        let mut rows = webhook_events::list(&state.db, &filter, cursor.0, limit + 1).await?;
         let next_cursor = if rows.len() as u64 > limit {
             rows.truncate(limit as usize);
             rows.last().map(|r| r.id.to_string())
@@ -254,9 +249,8 @@ impl AdminApi {
                 ),
             ));
         }
-        let filter = webhook_event::Column::EventId.eq(event.event_id.clone());
         let requeued =
-            relay::outbox::requeue_failed(&state.db, &state.config.kafka, filter).await?;
+            webhook_events::requeue_one(&state.db, &state.config.kafka, &event.event_id).await?;
         Ok(Json(RetryResult { requeued }))
     }
 
@@ -272,9 +266,9 @@ impl AdminApi {
         state: Data<&Arc<AppState>>,
         filter: Json<RetryFilter>,
     ) -> ApiResult<Json<RetryResult>> {
-        let condition = type_and_time(filter.event_type, filter.since, filter.until)?;
+        let filter = events_filter(filter.event_type, filter.since, filter.until)?;
         let requeued =
-            relay::outbox::requeue_failed(&state.db, &state.config.kafka, condition).await?;
+            webhook_events::requeue_failed(&state.db, &state.config.kafka, &filter).await?;
         Ok(Json(RetryResult { requeued }))
     }
 
@@ -297,11 +291,11 @@ impl AdminApi {
 
 /// Events of `event_type` (if given) received in `[since, until)` (each bound if given); 400 for
 /// a bound the database cannot represent.
-fn type_and_time(
+fn events_filter(
     event_type: Option<EventType>,
     since: Option<DateTime<Utc>>,
     until: Option<DateTime<Utc>>,
-) -> ApiResult<sea_orm::Condition> {
+) -> ApiResult<Filter> {
     let errors: Vec<ErrorDetail> = [
         check_time_filter("since", since),
         check_time_filter("until", until),
@@ -317,10 +311,12 @@ fn type_and_time(
             errors,
         ));
     }
-    Ok(sea_orm::Condition::all()
-        .add_option(event_type.map(|t| webhook_event::Column::EventType.eq(t)))
-        .add_option(since.map(|t| webhook_event::Column::CreatedAt.gte(t)))
-        .add_option(until.map(|t| webhook_event::Column::CreatedAt.lt(t))))
+    Ok(Filter {
+        status: None,
+        event_type,
+        since,
+        until,
+    })
 }
 
 /// The example of `event_id`: the spec's example event (`scripts/contract` posts it first).
@@ -333,9 +329,7 @@ async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhoo
     if !is_storable_id(event_id) {
         return Err(ApiError::not_found("no event with this id"));
     }
-    webhook_event::Entity::find()
-        .filter(webhook_event::Column::EventId.eq(event_id))
-        .one(db)
+    webhook_events::find(db, event_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no event with id {event_id}")))
 }

@@ -1,10 +1,11 @@
-//! Liveness, readiness and Prometheus metrics.
+//! Liveness, readiness and Prometheus metrics; the loop that keeps the readiness gauges current.
 use std::sync::Arc;
 use std::time::Duration;
 
 use poem::web::Data;
 use poem_openapi::payload::{Json, PlainText};
 use poem_openapi::{ApiResponse, Object, OpenApi};
+use tokio_util::sync::CancellationToken;
 
 use crate::app::OpsState;
 use crate::routes::ApiTags;
@@ -90,7 +91,7 @@ pub async fn readiness(state: &OpsState) -> Readiness {
     let mut dependencies = vec![database];
     if state.config.kafka.brokers.is_some() {
         dependencies.push(
-            match relay::kafka::check_broker(&state.config.kafka, PROBE_TIMEOUT).await {
+            match relay::bus::kafka::check_broker(&state.config.kafka, PROBE_TIMEOUT).await {
                 Ok(()) => DependencyStatus {
                     name: "kafka".into(),
                     up: true,
@@ -133,5 +134,26 @@ fn down(name: &str, error: &str) -> DependencyStatus {
         name: name.into(),
         up: false,
         error: Some(error.into()),
+    }
+}
+
+/// Keeps `service_ready` and `service_dependency_up{dependency}` current (probed every `every`,
+/// never by a scrape), so an alert can see a process that is up but not ready.
+pub async fn refresh_readiness_gauge(
+    state: Arc<OpsState>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let readiness = readiness(&state).await;
+        metrics::gauge!(relay::metrics::SERVICE_READY).set(if readiness.ready { 1.0 } else { 0.0 });
+        for dependency in readiness.dependencies {
+            metrics::gauge!(relay::metrics::SERVICE_DEPENDENCY_UP, "dependency" => dependency.name)
+                .set(if dependency.up { 1.0 } else { 0.0 });
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(every) => {}
+        }
     }
 }

@@ -11,7 +11,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::registry::MetaSchemaRef;
 use poem_openapi::types::{ParseFromParameter, ParseResult, Type};
 use poem_openapi::{ApiResponse, OpenApi};
-use relay::metric_names as names;
+use relay::metrics as names;
 use tracing::Instrument;
 
 use crate::app::AppState;

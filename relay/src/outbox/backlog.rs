@@ -4,15 +4,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use entity::{EventStatus, webhook_event};
-use sea_orm::{
-    ColumnTrait, DatabaseBackend, DatabaseConnection, DbErr, EntityTrait, FromQueryResult,
-    PaginatorTrait, QueryFilter, Statement,
-};
+use sea_orm::{DatabaseBackend, DatabaseConnection, DbErr, FromQueryResult, Statement};
 use tokio_util::sync::CancellationToken;
 
-use crate::metric_names as names;
-use crate::partitions::{PartitionState, partition_states};
+use crate::consume::partitions::{PartitionState, partition_states};
+use crate::metrics as names;
+use crate::webhook_events;
 
 // These are also the admin API's answer (`GET /api/admin/outbox`): with the `openapi` feature
 // they are poem-openapi objects, and their doc comments are the spec's descriptions.
@@ -86,13 +83,6 @@ impl From<PartitionState> for PartitionView {
 }
 
 #[derive(FromQueryResult)]
-struct UnprocessedRow {
-    unprocessed: i64,
-    oldest: Option<DateTime<Utc>>,
-    republished: i64,
-}
-
-#[derive(FromQueryResult)]
 struct BacklogRow {
     topic: String,
     pending: i64,
@@ -127,19 +117,7 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<Backlog, DbErr> {
             oldest_claimable_age_secs: age(r.oldest_claimable),
         })
         .collect();
-    let unprocessed = UnprocessedRow::find_by_statement(Statement::from_sql_and_values(
-        backend,
-        "SELECT COUNT(*) AS unprocessed, MIN(created_at) AS oldest, \
-           (SELECT COUNT(DISTINCT o.event_id) FROM outbox o JOIN webhook_events e \
-              ON e.event_id = o.event_id WHERE o.republished > 0 AND e.status = $1) AS republished \
-         FROM webhook_events WHERE status = $2",
-        [
-            EventStatus::Pending.as_str().into(),
-            EventStatus::Pending.as_str().into(),
-        ],
-    ))
-    .one(db)
-    .await?;
+    let unprocessed = webhook_events::unprocessed(db).await?;
     let partitions = if backend == DatabaseBackend::Postgres {
         partition_states(db)
             .await?
@@ -150,9 +128,9 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<Backlog, DbErr> {
         Vec::new()
     };
     Ok(Backlog {
-        unprocessed: unprocessed.as_ref().map_or(0, |u| u.unprocessed),
-        oldest_unprocessed_age_secs: age(unprocessed.as_ref().and_then(|u| u.oldest)),
-        republished_pending: unprocessed.as_ref().map_or(0, |u| u.republished),
+        unprocessed: unprocessed.unprocessed,
+        oldest_unprocessed_age_secs: age(unprocessed.oldest),
+        republished_pending: unprocessed.republished,
         partitions,
         pending: topics.iter().map(|t| t.pending).sum(),
         parked: topics.iter().map(|t| t.parked).sum(),
@@ -162,14 +140,6 @@ pub async fn backlog(db: &DatabaseConnection) -> Result<Backlog, DbErr> {
             .fold(0.0, f64::max),
         topics,
     })
-}
-
-/// How many events are `failed`, waiting for an operator's retry (an index-only count).
-pub async fn failed_events(db: &DatabaseConnection) -> Result<u64, DbErr> {
-    webhook_event::Entity::find()
-        .filter(webhook_event::Column::Status.eq(EventStatus::Failed))
-        .count(db)
-        .await
 }
 
 /// Keeps the `outbox_*`, `events_*` and partition gauges current, so a scrape never queries the
@@ -199,7 +169,7 @@ pub async fn refresh_backlog_gauges(
             }
             Err(error) => tracing::warn!(%error, "outbox backlog query failed"),
         }
-        match failed_events(&db).await {
+        match webhook_events::count_failed(&db).await {
             Ok(failed) => metrics::gauge!(names::EVENTS_FAILED).set(failed as f64),
             Err(error) => tracing::warn!(%error, "failed events query failed"),
         }

@@ -14,7 +14,7 @@ use crate::support::*;
 
 /// The owner of every partition of the test's group (`None` for a partition nobody holds).
 async fn owners(db: &sea_orm::DatabaseConnection) -> Vec<(String, Option<String>)> {
-    let states = relay::partitions::partition_states(db)
+    let states = relay::consume::partition_states(db)
         .await
         .expect("partition states");
     states
@@ -207,7 +207,7 @@ async fn readiness_names_a_partition_left_without_a_consumer() {
 
     wait_until("consumer up", false, Duration::from_secs(30), consumer_up).await;
     assert!(
-        inserted.elapsed() >= relay::partitions::HealthWatch::UNOWNED_AFTER,
+        inserted.elapsed() >= relay::consume::HealthWatch::UNOWNED_AFTER,
         "reported after {:?}",
         inserted.elapsed()
     );

@@ -7,8 +7,9 @@ use entity::{contact, webhook_event};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use relay::bus::BusMessage;
-use relay::processor::{Apply, EventProcessor};
-use relay::projection::{ContactChange, greatest_per_contact};
+use relay::consume::batch::{Apply, EventProcessor};
+use relay::consume::projection::{ContactRow, greatest_per_contact};
+use relay::event::ContactEvent;
 use sea_orm::{ActiveValue::Set, EntityTrait};
 use serde_json::{Value, json};
 
@@ -102,7 +103,7 @@ async fn any_order_duplication_and_batching_of_a_contacts_events_gives_the_same_
                 for (i, e) in events.iter().enumerate() {
                     let event_id = format!("{contact_id}-e{i}");
                     let body = payload(&contact_id, &event_id, e);
-                    changes.push(ContactChange::from_payload(body.clone()).expect("valid"));
+                    changes.push(ContactEvent::parse_stored(body.clone()).expect("valid"));
                     webhook_event::Entity::insert(webhook_event::ActiveModel {
                         event_id: Set(event_id.clone()),
                         event_type: Set(changes.last().expect("parsed").event_type),
@@ -143,7 +144,7 @@ async fn any_order_duplication_and_batching_of_a_contacts_events_gives_the_same_
                     .await
                     .expect("query")
                     .expect("the contact exists");
-                let expected = greatest_per_contact(&changes)[0].row();
+                let expected = ContactRow::from(greatest_per_contact(&changes)[0]);
                 let expected: Projected = (
                     expected.email,
                     expected.last_name,

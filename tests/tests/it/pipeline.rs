@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use api::Roles;
 use relay::bus::BusMessage;
-use relay::partitions::OffsetCommit;
-use relay::processor::{Apply, EventProcessor, Handled};
+use relay::consume::batch::{Apply, EventProcessor, Handled};
+use relay::consume::partitions::OffsetCommit;
 use sea_orm::{ConnectionTrait, EntityTrait};
 use serde_json::{Value, json};
 
@@ -215,7 +215,7 @@ async fn a_redelivered_kafka_message_is_skipped() {
         .await
         .expect("query")
         .expect("outbox row");
-    let publisher = relay::kafka::KafkaPublisher::connect(&app.config.kafka)
+    let publisher = relay::bus::KafkaPublisher::connect(&app.config.kafka)
         .await
         .expect("producer");
     let results = publisher.publish(&[BusMessage::from_outbox(&row)]).await;
@@ -571,7 +571,8 @@ async fn applying_a_batch_never_scans_the_backlog() {
 /// kept by sqlx and by PostgreSQL: about 50 MB of a 115 MB peak after a minute at 3000 events/s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_batch_sizes_prepare_no_new_statements() {
-    use relay::partitions::{TopicPartition, record_watermarks};
+    use relay::bus::TopicPartition;
+    use relay::consume::partitions::record_watermarks;
     // Pending events and partitions this member owns.
     let (_database, db) = one_connection_database(
         "INSERT INTO webhook_events (event_id, event_type, contact_id, payload, status) \

@@ -1,5 +1,6 @@
 //! rdkafka clients: configuration, topic creation, the idempotent publisher, the consumer.
 //! Creating, flushing and querying clients blocks, so it runs on the blocking thread pool.
+use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -13,9 +14,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tracing::Instrument;
 
-use crate::bus::BusMessage;
+use super::message::{BusMessage, PublishError, TopicPartition};
 use crate::config::KafkaConfig;
-use crate::error::PublishError;
 use crate::event::HEADER_EVENT_ID;
 
 /// Base settings shared by every client: brokers, then the pass-through properties.
@@ -258,4 +258,35 @@ pub async fn event_consumer(config: &KafkaConfig) -> Result<StreamConsumer, Kafk
         ],
     );
     blocking(move || client_config.create()).await
+}
+
+/// The partitions of the event topics, from the broker's metadata.
+pub async fn event_partitions(
+    consumer: Arc<StreamConsumer>,
+    kafka: &KafkaConfig,
+) -> Result<BTreeSet<TopicPartition>, rdkafka::error::KafkaError> {
+    let topics: Vec<String> = crate::EVENT_TYPES
+        .iter()
+        .map(|t| kafka.topic_for(t))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let mut found = BTreeSet::new();
+        for topic in topics {
+            let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(5))?;
+            for t in metadata.topics() {
+                if t.error().is_some() {
+                    continue;
+                }
+                for p in t.partitions() {
+                    found.insert(TopicPartition {
+                        topic: t.name().to_owned(),
+                        partition: p.id(),
+                    });
+                }
+            }
+        }
+        Ok(found)
+    })
+    .await
+    .unwrap_or_else(|_| Ok(BTreeSet::new()))
 }

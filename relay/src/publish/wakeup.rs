@@ -8,8 +8,7 @@ use sea_orm::sqlx::postgres::PgListener;
 use sea_orm::{DatabaseBackend, DatabaseConnection};
 use tokio::sync::Notify;
 
-/// Postgres channel the ingest transaction notifies on commit.
-pub const NOTIFY_CHANNEL: &str = "acme_webhooks_outbox";
+use crate::outbox::NOTIFY_CHANNEL;
 
 /// Shared in-process wake-up signal; cheap to clone.
 #[derive(Clone, Default)]

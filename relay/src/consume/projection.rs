@@ -1,10 +1,9 @@
 //! `contacts`: our mirror of AcmeCRM, a function of the SET of events applied to each contact,
 //! whatever order or how many times they were delivered.
 //!
-//! Every event of a contact has a place in one total order, its [`Version`]: a deletion above
-//! any create/update (a tombstone is terminal), then `data.updatedAt` (the event `timestamp`
-//! when a deletion has none), then the event `timestamp`, then the event id. The stored row is
-//! the state the greatest event of that order describes; an event below it changes nothing.
+//! Every event of a contact has a place in one total order, its version
+//! ([`ContactEvent::version`]). The stored row is the state the greatest event of that order
+//! describes; an event below it changes nothing.
 //! A tombstone erases the personal fields and keeps only the contact id, when and by which event
 //! it was deleted, so it does not depend on which version happened to arrive before the delete.
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,73 +14,40 @@ use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement, Value as SqlVa
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::error::Unappliable;
-use crate::event::{ContactEvent, EventType, rfc3339_field};
+use crate::event::{ContactEvent, rfc3339_field};
 use crate::sql::placeholders;
 
-/// An event as the projection reads it: the parsed contact event, the one type the webhook's
-/// validation produces too.
-pub type ContactChange = ContactEvent;
-
-/// The place of an event in its contact's total order (compared field by field).
-pub type Version = (bool, DateTime<Utc>, DateTime<Utc>, String);
-
-impl ContactEvent {
-    /// Reads a stored event payload with the webhook's parser.
-    pub fn from_payload(payload: Value) -> Result<Self, Unappliable> {
-        Self::parse(payload).map_err(|errors| {
-            let fields: Vec<String> = errors
-                .iter()
-                .map(|e| format!("{} {}", e.field, e.message))
-                .collect();
-            Unappliable::Payload(fields.join("; "))
-        })
-    }
-
-    pub fn is_deletion(&self) -> bool {
-        self.event_type == EventType::Deleted
-    }
-
-    /// This event's place in its contact's total order.
-    pub fn version(&self) -> Version {
-        (
-            self.is_deletion(),
-            self.updated_at.unwrap_or(self.timestamp),
-            self.timestamp,
-            self.event_id.clone(),
-        )
-    }
-
-    /// The `contacts` row this event describes when it is the greatest of its contact.
-    pub fn row(&self) -> ContactRow {
-        let data = self.data();
+impl From<&ContactEvent> for ContactRow {
+    /// The `contacts` row `event` describes when it is the greatest of its contact.
+    fn from(event: &ContactEvent) -> Self {
+        let data = event.data();
         let text = |field: &str| {
-            (!self.is_deletion())
+            (!event.is_deletion())
                 .then(|| data.get(field).and_then(Value::as_str))
                 .flatten()
                 .map(str::to_owned)
         };
-        ContactRow {
-            id: self.contact_id.clone(),
+        Self {
+            id: event.contact_id.clone(),
             email: text("email"),
             first_name: text("firstName"),
             last_name: text("lastName"),
             phone: text("phone"),
             company: text("company"),
             title: text("title"),
-            data: if self.is_deletion() {
-                json!({ "id": self.contact_id })
+            data: if event.is_deletion() {
+                json!({ "id": event.contact_id })
             } else {
                 data.clone()
             },
-            source_created_at: (!self.is_deletion())
+            source_created_at: (!event.is_deletion())
                 .then(|| rfc3339_field(data, "createdAt"))
                 .flatten(),
-            source_updated_at: self.updated_at,
-            event_timestamp: self.timestamp,
-            last_event_id: self.event_id.clone(),
-            deleted: self.is_deletion(),
-            deleted_at: self.is_deletion().then_some(self.timestamp),
+            source_updated_at: event.updated_at,
+            event_timestamp: event.timestamp,
+            last_event_id: event.event_id.clone(),
+            deleted: event.is_deletion(),
+            deleted_at: event.is_deletion().then_some(event.timestamp),
         }
     }
 }
@@ -117,9 +83,9 @@ pub enum Applied {
 /// The greatest change of each contact among `changes`, ordered by contact id (the order rows
 /// are locked in, so concurrent batches cannot deadlock on `contacts`).
 pub fn greatest_per_contact<'a>(
-    changes: impl IntoIterator<Item = &'a ContactChange>,
-) -> Vec<&'a ContactChange> {
-    let mut greatest: BTreeMap<&str, &ContactChange> = BTreeMap::new();
+    changes: impl IntoIterator<Item = &'a ContactEvent>,
+) -> Vec<&'a ContactEvent> {
+    let mut greatest: BTreeMap<&str, &ContactEvent> = BTreeMap::new();
     for change in changes {
         greatest
             .entry(change.contact_id.as_str())
@@ -158,11 +124,11 @@ const COLUMNS: [(&str, &str); 14] = [
 /// Returns the event ids that are now the state of their contact.
 pub async fn apply<C: ConnectionTrait>(
     conn: &C,
-    changes: &[&ContactChange],
+    changes: &[&ContactEvent],
 ) -> Result<BTreeSet<String>, DbErr> {
     let rows: Vec<ContactRow> = greatest_per_contact(changes.iter().copied())
         .into_iter()
-        .map(ContactChange::row)
+        .map(ContactRow::from)
         .collect();
     if rows.is_empty() {
         return Ok(BTreeSet::new());
@@ -326,7 +292,7 @@ fn values_upsert(backend: DatabaseBackend, rows: Vec<ContactRow>) -> (String, Ve
 mod tests {
     use super::*;
 
-    fn change(event: &str, id: &str, updated_minute: Option<u32>, ts_minute: u32) -> ContactChange {
+    fn change(event: &str, id: &str, updated_minute: Option<u32>, ts_minute: u32) -> ContactEvent {
         let at = |m: u32| format!("2025-05-19T10:{m:02}:00Z");
         let mut data = json!({
             "id": "c1", "email": format!("{id}@example.com"), "firstName": "Jane",
@@ -335,7 +301,7 @@ mod tests {
         if let Some(m) = updated_minute {
             data["updatedAt"] = json!(at(m));
         }
-        ContactChange::from_payload(json!({
+        ContactEvent::parse_stored(json!({
             "id": id, "event": event, "timestamp": at(ts_minute), "data": data,
         }))
         .expect("valid")
@@ -355,7 +321,7 @@ mod tests {
 
     #[test]
     fn a_tombstone_keeps_no_personal_field() {
-        let row = change("contact.deleted", "e9", None, 5).row();
+        let row = ContactRow::from(&change("contact.deleted", "e9", None, 5));
         assert!(row.deleted);
         assert_eq!(row.email, None);
         assert_eq!(row.data, json!({ "id": "c1" }));

@@ -1,32 +1,23 @@
-//! The relay's error types: what failed, and (by variant) whether retrying can help.
-use rdkafka::error::KafkaError;
-use tokio::sync::mpsc::error::TrySendError;
+//! Why a batch or a message was not applied, and what kind of database failure it was: the
+//! classes decide whether the consumer retries, isolates the batch's messages, or gives up on
+//! one message (docs: "Poison messages").
+use sea_orm::DbErr;
 
-use crate::bus::BusMessage;
-
-/// Why one message was not delivered to the bus; the outbox row stays unpublished and is
-/// retried after a backoff.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum PublishError {
-    /// The broker did not acknowledge it (timeout, broker down, missing topic...).
+/// Why a batch was not applied; nothing of it was written.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// The database failed; its [`ErrorClass`] says whether a retry can help.
+    #[error("database: {0}")]
+    Database(#[from] DbErr),
+    /// Another member owns some of the batch's partitions now: drop them, do not retry.
     #[error(transparent)]
-    Kafka(#[from] KafkaError),
-    /// The in-process bus's queue is full (embedded mode): the consumer is behind.
-    #[error("in-process bus: no available capacity")]
-    BusFull,
-    /// The in-process bus's consumer is gone (shutting down).
-    #[error("in-process bus: channel closed")]
-    BusClosed,
+    Fenced(#[from] Fenced),
 }
 
-impl From<TrySendError<BusMessage>> for PublishError {
-    fn from(error: TrySendError<BusMessage>) -> Self {
-        match error {
-            TrySendError::Full(_) => Self::BusFull,
-            TrySendError::Closed(_) => Self::BusClosed,
-        }
-    }
-}
+/// Some partitions of a batch are owned by another member now.
+#[derive(Debug, thiserror::Error)]
+#[error("partitions no longer owned by this member: {0:?}")]
+pub struct Fenced(pub Vec<String>);
 
 /// Why a message can never be applied (a retry would fail the same way): its event is marked
 /// `failed` with this text, and the message is dead-lettered.
@@ -68,7 +59,7 @@ pub enum ErrorClass {
     /// Class 23, integrity constraint violation (SQLite's constraint codes): as `Data`.
     Integrity,
     /// Anything else the server refused (a bug, a schema change). Retried; a batch that fails
-    /// the same way [`crate::processor::ISOLATE_AFTER`] times in a row is applied one message
+    /// the same way [`super::retry::ISOLATE_AFTER`] times in a row is applied one message
     /// at a time as for `Data`.
     Other,
 }
@@ -102,14 +93,16 @@ impl ErrorClass {
     }
 
     fn of_sqlstate(code: &str) -> Self {
-        match code.get(..2) {
-            _ if code == "55000" => Self::Unavailable,
-            _ if code == "55P03" => Self::Conflict,
-            Some("08" | "53" | "57" | "58") => Self::Unavailable,
-            Some("40") => Self::Conflict,
-            Some("22") => Self::Data,
-            Some("23") => Self::Integrity,
-            _ => Self::Other,
+        match code {
+            "55000" => Self::Unavailable, // object not in prerequisite state: no connections now
+            "55P03" => Self::Conflict,    // lock not available
+            _ => match code.get(..2) {
+                Some("08" | "53" | "57" | "58") => Self::Unavailable,
+                Some("40") => Self::Conflict,
+                Some("22") => Self::Data,
+                Some("23") => Self::Integrity,
+                _ => Self::Other,
+            },
         }
     }
 

@@ -1,15 +1,17 @@
-//! Where outbox messages go: a Kafka cluster, or (embedded mode) an in-process channel. The
-//! bus is chosen once, by [`new_pair`]: the relay publishes through its [`BusSink`], the
-//! consumer reads from its [`BusSource`].
-use std::collections::BTreeMap;
-
+//! The bus: where outbox messages go. A Kafka cluster ([`kafka`]), or (embedded mode) an
+//! in-process channel. The bus is chosen once, by [`new_pair`]: the relay publishes through its
+//! [`BusSink`], the consumer reads from its [`BusSource`]. [`BusMessage`] is a message as both
+//! ends see it, whichever bus carried it.
 use anyhow::Context;
-use entity::outbox;
 use tokio::sync::mpsc;
 
+pub mod kafka;
+mod message;
+
+pub use kafka::KafkaPublisher;
+pub use message::{BusMessage, PublishError, TopicPartition};
+
 use crate::config::KafkaConfig;
-use crate::error::PublishError;
-use crate::kafka::KafkaPublisher;
 
 /// Messages the in-process bus holds before a publish counts as failed (and is retried).
 const IN_PROCESS_CAPACITY: usize = 10_000;
@@ -44,7 +46,7 @@ pub async fn new_pair(
         return Ok((BusSink::InProcess(sender), BusSource::InProcess(receiver)));
     }
     if kafka.create_topics && (relay || consumer) {
-        crate::kafka::ensure_topics(kafka)
+        kafka::ensure_topics(kafka)
             .await
             .context("creating Kafka topics")?;
     }
@@ -65,40 +67,6 @@ impl BusSink {
                     .context("creating the Kafka producer")?,
             ),
         })
-    }
-}
-
-/// One message as the consumer sees it, whichever bus carried it.
-#[derive(Clone, Debug)]
-pub struct BusMessage {
-    pub topic: String,
-    pub key: String,
-    pub payload: Vec<u8>,
-    pub headers: BTreeMap<String, String>,
-}
-
-impl BusMessage {
-    /// The message an outbox row becomes.
-    pub fn from_outbox(row: &outbox::Model) -> Self {
-        let headers = row
-            .headers
-            .as_object()
-            .map(|h| {
-                h.iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Self {
-            topic: row.topic.clone(),
-            key: row.message_key.clone(),
-            payload: serde_json::to_vec(&row.payload).unwrap_or_default(),
-            headers,
-        }
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
     }
 }
 

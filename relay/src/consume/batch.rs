@@ -4,21 +4,16 @@
 //! event is no longer `pending` changes nothing (re-delivery).
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::Utc;
-use entity::{EventStatus, webhook_event};
-use sea_orm::sea_query::{Expr, ExprTrait, LockType};
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, EntityTrait, QueryFilter,
-    QuerySelect, TransactionTrait,
-};
+use entity::EventStatus;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbErr, TransactionTrait};
 use serde_json::Value;
 
+use super::error::{BatchError, ErrorClass, Unappliable};
+use super::partitions::OffsetCommit;
+use super::projection::{self, Applied};
 use crate::bus::BusMessage;
-use crate::error::{ErrorClass, Unappliable};
-use crate::event::HEADER_EVENT_ID;
-use crate::partitions::{Fenced, OffsetCommit};
-use crate::projection::{self, Applied, ContactChange};
-use crate::sql::one_of;
+use crate::event::{ContactEvent, HEADER_EVENT_ID};
+use crate::webhook_events;
 
 /// What handling a message did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,21 +27,6 @@ pub enum Handled {
 /// The outcome of one message: handled, or a reason it can never be applied (the event is marked
 /// `failed` with it; dead-letter the message).
 pub type Outcome = Result<Handled, Unappliable>;
-
-/// Why a batch was not applied; nothing of it was written.
-#[derive(Debug, thiserror::Error)]
-pub enum BatchError {
-    /// The database failed; its [`ErrorClass`] says whether a retry can help.
-    #[error("database: {0}")]
-    Database(#[from] DbErr),
-    /// Another member owns some of the batch's partitions now: drop them, do not retry.
-    #[error(transparent)]
-    Fenced(#[from] Fenced),
-}
-
-/// How many times in a row a batch may fail the same way (an error of class
-/// [`ErrorClass::Other`]) before it is applied one message at a time.
-pub const ISOLATE_AFTER: u32 = 3;
 
 /// How a batch is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +70,7 @@ pub struct EventProcessor {
 
 /// A message as read: a change to apply, or why it cannot be applied.
 enum Parsed {
-    Change(ContactChange),
+    Change(ContactEvent),
     Unappliable {
         event_id: Option<String>,
         reason: Unappliable,
@@ -113,11 +93,11 @@ fn parse(message: &BusMessage) -> Parsed {
         .is_none()
         .then(|| payload.get("id").and_then(Value::as_str).map(str::to_owned))
         .flatten();
-    match ContactChange::from_payload(payload) {
+    match ContactEvent::parse_stored(payload) {
         Ok(change) => Parsed::Change(change),
-        Err(unappliable) => Parsed::Unappliable {
+        Err(fields) => Parsed::Unappliable {
             event_id: header_id.map(str::to_owned).or(payload_id),
-            reason: unappliable,
+            reason: Unappliable::Payload(fields),
         },
     }
 }
@@ -190,10 +170,7 @@ async fn refuse(
     message: &Parsed,
     error: &DbErr,
 ) -> Result<Outcome, DbErr> {
-    let event_id = match message {
-        Parsed::Change(change) => Some(change.event_id.as_str()),
-        Parsed::Unappliable { event_id, .. } => event_id.as_deref(),
-    };
+    let event_id = message.event_id();
     let reason = Unappliable::Refused {
         class: ErrorClass::of(error),
         error: error.to_string(),
@@ -201,10 +178,10 @@ async fn refuse(
     let Some(event_id) = event_id else {
         return Ok(Err(reason));
     };
-    let events = lock_events(txn, &BTreeSet::from([event_id])).await?;
+    let events = webhook_events::lock(txn, &BTreeSet::from([event_id])).await?;
     match events.get(event_id) {
         Some(&(row, EventStatus::Pending)) => {
-            mark_failed(txn, row, &reason.to_string()).await?;
+            webhook_events::mark_failed(txn, row, &reason.to_string()).await?;
             Ok(Err(reason))
         }
         Some(_) => Ok(Ok(Handled::AlreadyDone)),
@@ -212,69 +189,24 @@ async fn refuse(
     }
 }
 
-/// Applies `parsed` with a few statements for all of them (see [`EventProcessor::apply_batch`]).
+/// The events of a batch, locked, with their status as it is now.
+type Locked = BTreeMap<String, (i64, EventStatus)>;
+
+/// Applies `parsed` with a few statements for all of them (see [`EventProcessor::apply_batch`]):
+/// lock the batch's events, claim the pending ones that can be applied, fail the pending ones
+/// that never can, and apply the claimed changes to `contacts`.
 async fn apply_parsed<C: ConnectionTrait>(
     txn: &C,
     parsed: &[Parsed],
 ) -> Result<Vec<Outcome>, DbErr> {
-    // Every event of the batch, locked by its unique id, with its status as it is now.
-    let ids: BTreeSet<&str> = parsed
-        .iter()
-        .filter_map(|p| match p {
-            Parsed::Change(change) => Some(change.event_id.as_str()),
-            Parsed::Unappliable { event_id, .. } => event_id.as_deref(),
-        })
-        .collect();
-    let events = lock_events(txn, &ids).await?;
-    let pending = |id: &str| events.get(id).is_some_and(|e| e.1 == EventStatus::Pending);
-
-    // The pending events that can be applied are claimed; the rest changes nothing unless it
-    // is pending and can never be applied (marked `failed`).
-    let mut claimed: BTreeSet<&str> = BTreeSet::new();
-    let mut to_apply: Vec<&ContactChange> = Vec::new();
-    for p in parsed {
-        if let Parsed::Change(change) = p
-            && pending(&change.event_id)
-            && claimed.insert(&change.event_id)
-        {
-            to_apply.push(change);
-        }
+    let ids: BTreeSet<&str> = parsed.iter().filter_map(Parsed::event_id).collect();
+    let events = webhook_events::lock(txn, &ids).await?;
+    let (claimed, to_apply) = claimable(parsed, &events);
+    webhook_events::mark_processed(txn, claimed.iter().map(|id| events[*id].0).collect()).await?;
+    let (decided, to_fail) = decide(parsed, &events, &claimed);
+    for (row, reason) in to_fail {
+        webhook_events::mark_failed(txn, row, &reason.to_string()).await?;
     }
-    claim(txn, claimed.iter().map(|id| events[*id].0)).await?;
-
-    let mut applied: BTreeSet<&str> = BTreeSet::new();
-    let mut failed_now: BTreeSet<&str> = BTreeSet::new();
-    let mut decided: Vec<Result<Option<&str>, Unappliable>> = Vec::with_capacity(parsed.len());
-    for p in parsed {
-        decided.push(match p {
-            Parsed::Change(change) if claimed.contains(change.event_id.as_str()) => {
-                if applied.insert(&change.event_id) {
-                    Ok(Some(change.event_id.as_str()))
-                } else {
-                    Ok(None) // the same event twice in one batch
-                }
-            }
-            Parsed::Change(change) => match events.get(change.event_id.as_str()) {
-                Some(_) => Ok(None),
-                None => Err(Unappliable::UnknownEvent(change.event_id.clone())),
-            },
-            Parsed::Unappliable { event_id: None, .. } => Err(Unappliable::NoEventId),
-            Parsed::Unappliable {
-                event_id: Some(id),
-                reason,
-            } => match events.get(id.as_str()) {
-                Some(&(row, EventStatus::Pending))
-                    if !claimed.contains(id.as_str()) && failed_now.insert(id) =>
-                {
-                    mark_failed(txn, row, &reason.to_string()).await?;
-                    Err(reason.clone())
-                }
-                Some(_) => Ok(None),
-                None => Err(Unappliable::UnknownEvent(id.clone())),
-            },
-        });
-    }
-
     let changed = projection::apply(txn, &to_apply).await?;
     Ok(decided
         .into_iter()
@@ -288,86 +220,77 @@ async fn apply_parsed<C: ConnectionTrait>(
         .collect())
 }
 
-/// Locks the events among `ids` that exist (`FOR UPDATE`; SQLite has one writer at a time and the
-/// query builder leaves the clause out there) and returns each one's row id and status.
-///
-/// The lookup is by the unique `event_id` alone, and the updates that follow go by primary key: a
-/// `status = 'pending'` condition next to it lets the planner AND in a scan of the status index,
-/// which reads every pending event and every dead version of one (a cost that grows with the
-/// backlog and with the time since the last vacuum: 30 ms a batch at 195k events, found by a
-/// 60 s run at 3000/s).
-async fn lock_events<C: ConnectionTrait>(
-    conn: &C,
-    ids: &BTreeSet<&str>,
-) -> Result<BTreeMap<String, (i64, EventStatus)>, DbErr> {
-    if ids.is_empty() {
-        return Ok(BTreeMap::new());
+impl Parsed {
+    fn event_id(&self) -> Option<&str> {
+        match self {
+            Parsed::Change(change) => Some(change.event_id.as_str()),
+            Parsed::Unappliable { event_id, .. } => event_id.as_deref(),
+        }
     }
-    let rows: Vec<(i64, String, EventStatus)> = webhook_event::Entity::find()
-        .select_only()
-        .columns([
-            webhook_event::Column::Id,
-            webhook_event::Column::EventId,
-            webhook_event::Column::Status,
-        ])
-        .filter(one_of(
-            conn.get_database_backend(),
-            webhook_event::Column::EventId,
-            ids.iter().map(|id| (*id).to_owned()),
-        ))
-        .lock(LockType::Update)
-        .into_tuple()
-        .all(conn)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(id, event_id, status)| (event_id, (id, status)))
-        .collect())
 }
 
-/// Marks the locked `pending` events `rows` processed, in one statement.
-async fn claim<C: ConnectionTrait>(
-    conn: &C,
-    rows: impl IntoIterator<Item = i64>,
-) -> Result<(), DbErr> {
-    let rows: Vec<i64> = rows.into_iter().collect();
-    if rows.is_empty() {
-        return Ok(());
+/// The pending events of `parsed` that can be applied (each once), and their changes.
+fn claimable<'a>(
+    parsed: &'a [Parsed],
+    events: &Locked,
+) -> (BTreeSet<&'a str>, Vec<&'a ContactEvent>) {
+    let pending = |id: &str| events.get(id).is_some_and(|e| e.1 == EventStatus::Pending);
+    let mut claimed: BTreeSet<&str> = BTreeSet::new();
+    let mut to_apply: Vec<&ContactEvent> = Vec::new();
+    for p in parsed {
+        if let Parsed::Change(change) = p
+            && pending(&change.event_id)
+            && claimed.insert(&change.event_id)
+        {
+            to_apply.push(change);
+        }
     }
-    finish(conn, rows, EventStatus::Processed, None).await
+    (claimed, to_apply)
 }
 
-/// Marks the locked `pending` event `row` failed with `error`.
-async fn mark_failed<C: ConnectionTrait>(conn: &C, row: i64, error: &str) -> Result<(), DbErr> {
-    finish(conn, vec![row], EventStatus::Failed, Some(error)).await
-}
-
-/// Ends one attempt of the events `rows` (by primary key) with `status` and `error`.
-async fn finish<C: ConnectionTrait>(
-    conn: &C,
-    rows: Vec<i64>,
-    status: EventStatus,
-    error: Option<&str>,
-) -> Result<(), DbErr> {
-    let now = Utc::now();
-    let mut update = webhook_event::Entity::update_many()
-        .col_expr(webhook_event::Column::Status, Expr::value(status))
-        .col_expr(webhook_event::Column::Error, Expr::value(error))
-        .col_expr(webhook_event::Column::UpdatedAt, Expr::value(now))
-        .col_expr(
-            webhook_event::Column::Attempts,
-            Expr::col(webhook_event::Column::Attempts).add(1),
-        );
-    if status == EventStatus::Processed {
-        update = update.col_expr(webhook_event::Column::ProcessedAt, Expr::value(now));
-    }
-    update
-        .filter(one_of(
-            conn.get_database_backend(),
-            webhook_event::Column::Id,
-            rows,
-        ))
-        .exec(conn)
-        .await?;
-    Ok(())
+/// What each message comes to: `Ok(Some(id))` its claimed event (the first message of it),
+/// `Ok(None)` nothing to do, `Err` a reason it can never be applied. Also the pending events to
+/// mark `failed` now (row id and reason), each once.
+#[allow(clippy::type_complexity)]
+fn decide<'a>(
+    parsed: &'a [Parsed],
+    events: &Locked,
+    claimed: &BTreeSet<&'a str>,
+) -> (
+    Vec<Result<Option<&'a str>, Unappliable>>,
+    Vec<(i64, Unappliable)>,
+) {
+    let mut applied: BTreeSet<&str> = BTreeSet::new();
+    let mut failed_now: BTreeSet<&str> = BTreeSet::new();
+    let mut to_fail = Vec::new();
+    let decided = parsed
+        .iter()
+        .map(|p| match p {
+            Parsed::Change(change) if claimed.contains(change.event_id.as_str()) => {
+                // The same event twice in one batch is applied once.
+                Ok(applied
+                    .insert(&change.event_id)
+                    .then_some(change.event_id.as_str()))
+            }
+            Parsed::Change(change) => match events.get(change.event_id.as_str()) {
+                Some(_) => Ok(None),
+                None => Err(Unappliable::UnknownEvent(change.event_id.clone())),
+            },
+            Parsed::Unappliable { event_id: None, .. } => Err(Unappliable::NoEventId),
+            Parsed::Unappliable {
+                event_id: Some(id),
+                reason,
+            } => match events.get(id.as_str()) {
+                Some(&(row, EventStatus::Pending))
+                    if !claimed.contains(id.as_str()) && failed_now.insert(id) =>
+                {
+                    to_fail.push((row, reason.clone()));
+                    Err(reason.clone())
+                }
+                Some(_) => Ok(None),
+                None => Err(Unappliable::UnknownEvent(id.clone())),
+            },
+        })
+        .collect();
+    (decided, to_fail)
 }

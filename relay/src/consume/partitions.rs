@@ -11,29 +11,18 @@
 //! A member that dies loses its session, and PostgreSQL drops its locks at once (a killed
 //! process closes its socket; a vanished host is noticed through TCP keepalives set on the
 //! session). The other members see free partitions at their next rebalance tick and take them.
-//! Shares are even: a member takes free partitions up to `ceil(partitions / members)` and gives
-//! back what it holds above that.
+//! Shares are even: with `n` partitions and `m` members, each member's share is `n / m`, and
+//! the first `n % m` members by session pid take one more (`fair_share`); a member takes free
+//! partitions up to its share and gives back what it holds above it.
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use sea_orm::sqlx::postgres::{PgConnectOptions, PgConnection};
 use sea_orm::sqlx::{self, ConnectOptions, Row};
 use sea_orm::{ConnectionTrait, DbErr, Statement, Value as SqlValue};
 
-/// A topic partition.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TopicPartition {
-    pub topic: String,
-    pub partition: i32,
-}
-
-impl fmt::Display for TopicPartition {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}[{}]", self.topic, self.partition)
-    }
-}
+use super::error::{BatchError, Fenced};
+use crate::bus::TopicPartition;
 
 /// First key of the members' shared lock (two-int advisory lock form): "acmm".
 const MEMBER_LOCK_CLASS: i32 = 0x6163_6d6d;
@@ -57,17 +46,9 @@ pub struct OffsetCommit {
     pub next: BTreeMap<TopicPartition, i64>,
 }
 
-/// Some partitions of a batch are owned by another member now.
-#[derive(Debug, thiserror::Error)]
-#[error("partitions no longer owned by this member: {0:?}")]
-pub struct Fenced(pub Vec<String>);
-
 impl OffsetCommit {
     /// Moves each partition's `next_offset` forward, only where this member is still the owner.
-    pub async fn write<C: ConnectionTrait>(
-        &self,
-        conn: &C,
-    ) -> Result<(), crate::processor::BatchError> {
+    pub async fn write<C: ConnectionTrait>(&self, conn: &C) -> Result<(), BatchError> {
         if self.next.is_empty() {
             return Ok(());
         }
@@ -232,26 +213,72 @@ impl Membership {
         session: &mut PgConnection,
         partitions: &BTreeSet<TopicPartition>,
     ) -> Result<Rebalance, sqlx::Error> {
-        let group = self.group.clone();
-        let member = self.member.clone();
         let new: Vec<&TopicPartition> = partitions.difference(&self.known).collect();
         if !new.is_empty() {
-            let topics: Vec<&str> = new.iter().map(|tp| tp.topic.as_str()).collect();
-            let numbers: Vec<i32> = new.iter().map(|tp| tp.partition).collect();
-            sqlx::query(
-                "INSERT INTO consumer_partitions (group_id, topic, partition) \
-                 SELECT $1, t, p FROM unnest($2::text[], $3::int4[]) AS x(t, p) \
-                 ON CONFLICT (group_id, topic, partition) DO NOTHING",
-            )
-            .bind(&group)
-            .bind(&topics)
-            .bind(&numbers)
-            .execute(&mut *session)
-            .await?;
+            self.create_rows(session, &new).await?;
         }
-        // Every partition row of the group, whether some session holds its lock, how many
-        // members there are (this one included) and how many of them have a smaller session pid
-        // (this member's rank: the order that decides who takes one partition more).
+        let shares = self.read_shares(session, partitions).await?;
+        self.known = partitions.clone();
+        let fair = fair_share(shares.total, shares.members, shares.rank);
+        let mut change = Rebalance::default();
+        while self.held.len() > fair {
+            let Some(tp) = self.held.keys().next_back().cloned() else {
+                break;
+            };
+            self.release(session, &tp).await?;
+            change.released.push(tp);
+        }
+        for (tp, key) in shares.free {
+            if self.held.len() >= fair {
+                break;
+            }
+            if let Some(next) = self.take(session, key).await? {
+                self.held.insert(tp.clone(), key);
+                change.acquired.push((tp, next));
+            }
+        }
+        if !change.acquired.is_empty() || !change.released.is_empty() {
+            tracing::info!(
+                member = %self.member,
+                members = shares.members,
+                owned = self.held.len(),
+                acquired = ?change.acquired.iter().map(|(tp, _)| tp.to_string()).collect::<Vec<_>>(),
+                released = ?change.released.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "partition ownership changed"
+            );
+        }
+        Ok(change)
+    }
+
+    /// Creates the rows of partitions seen for the first time (another member may have).
+    async fn create_rows(
+        &self,
+        session: &mut PgConnection,
+        new: &[&TopicPartition],
+    ) -> Result<(), sqlx::Error> {
+        let topics: Vec<&str> = new.iter().map(|tp| tp.topic.as_str()).collect();
+        let numbers: Vec<i32> = new.iter().map(|tp| tp.partition).collect();
+        sqlx::query(
+            "INSERT INTO consumer_partitions (group_id, topic, partition) \
+             SELECT $1, t, p FROM unnest($2::text[], $3::int4[]) AS x(t, p) \
+             ON CONFLICT (group_id, topic, partition) DO NOTHING",
+        )
+        .bind(&self.group)
+        .bind(&topics)
+        .bind(&numbers)
+        .execute(&mut *session)
+        .await?;
+        Ok(())
+    }
+
+    /// Every partition row of the group among `partitions`, whether some session holds its
+    /// lock, how many members there are (this one included) and how many of them have a smaller
+    /// session pid (this member's rank: the order that decides who takes one partition more).
+    async fn read_shares(
+        &self,
+        session: &mut PgConnection,
+        partitions: &BTreeSet<TopicPartition>,
+    ) -> Result<Shares, sqlx::Error> {
         let rows = sqlx::query(
             "WITH locks AS (SELECT classid::int8 AS class, objid::int8 AS obj, pid FROM pg_locks \
                WHERE locktype = 'advisory' AND granted AND objsubid = 2 \
@@ -263,85 +290,72 @@ impl Membership {
                        AND pid < pg_backend_pid()) AS rank \
              FROM consumer_partitions p WHERE p.group_id = $1 ORDER BY p.topic, p.partition",
         )
-        .bind(&group)
+        .bind(&self.group)
         .bind(i64::from(PARTITION_LOCK_CLASS))
         .bind(i64::from(MEMBER_LOCK_CLASS))
-        .bind(i64::from(group_key(&group)))
+        .bind(i64::from(group_key(&self.group)))
         .fetch_all(&mut *session)
         .await?;
-        self.known = partitions.clone();
-
-        let mut free = Vec::new();
-        let mut members = 1i64;
-        let mut rank = 0i64;
-        let mut total = 0usize;
+        let mut shares = Shares {
+            members: 1,
+            ..Shares::default()
+        };
         for row in &rows {
             let tp = TopicPartition {
                 topic: row.try_get("topic")?,
                 partition: row.try_get("partition")?,
             };
-            members = row.try_get::<i64, _>("members")?.max(1);
-            rank = row.try_get::<i64, _>("rank")?;
+            shares.members = usize::try_from(row.try_get::<i64, _>("members")?.max(1)).unwrap_or(1);
+            shares.rank = usize::try_from(row.try_get::<i64, _>("rank")?).unwrap_or(0);
             if !partitions.contains(&tp) {
                 continue; // a topic this member does not consume
             }
-            total += 1;
-            let locked: bool = row.try_get("locked")?;
-            if !locked {
-                free.push((tp, row.try_get::<i32, _>("id")?));
+            shares.total += 1;
+            if !row.try_get::<bool, _>("locked")? {
+                shares.free.push((tp, row.try_get::<i32, _>("id")?));
             }
         }
-        let fair = fair_share(
-            total,
-            usize::try_from(members).unwrap_or(1),
-            usize::try_from(rank).unwrap_or(0),
-        );
-        let mut change = Rebalance::default();
+        Ok(shares)
+    }
 
-        while self.held.len() > fair {
-            let Some(tp) = self.held.keys().next_back().cloned() else {
-                break;
-            };
-            self.release(session, &tp).await?;
-            change.released.push(tp);
-        }
-        for (tp, key) in free {
-            if self.held.len() >= fair {
-                break;
-            }
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-                .bind(PARTITION_LOCK_CLASS)
-                .bind(key)
-                .fetch_one(&mut *session)
-                .await?;
-            if !locked {
-                continue; // another member was faster
-            }
-            // Taking `owner` waits for a commit of the previous owner still in flight, and
-            // reads the offset that commit wrote.
-            let next: Option<i64> = sqlx::query_scalar(
-                "UPDATE consumer_partitions SET owner = $1, owned_since = now() \
-                 WHERE id = $2 RETURNING next_offset",
-            )
-            .bind(&member)
+    /// Takes the free partition whose lock key is `key`: `Some(next offset)` if this member got
+    /// its lock, `None` if another member was faster.
+    async fn take(
+        &self,
+        session: &mut PgConnection,
+        key: i32,
+    ) -> Result<Option<Option<i64>>, sqlx::Error> {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(PARTITION_LOCK_CLASS)
             .bind(key)
             .fetch_one(&mut *session)
             .await?;
-            self.held.insert(tp.clone(), key);
-            change.acquired.push((tp, next));
+        if !locked {
+            return Ok(None);
         }
-        if !change.acquired.is_empty() || !change.released.is_empty() {
-            tracing::info!(
-                member = %self.member,
-                members,
-                owned = self.held.len(),
-                acquired = ?change.acquired.iter().map(|(tp, _)| tp.to_string()).collect::<Vec<_>>(),
-                released = ?change.released.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                "partition ownership changed"
-            );
-        }
-        Ok(change)
+        // Taking `owner` waits for a commit of the previous owner still in flight, and reads
+        // the offset that commit wrote.
+        let next: Option<i64> = sqlx::query_scalar(
+            "UPDATE consumer_partitions SET owner = $1, owned_since = now() \
+             WHERE id = $2 RETURNING next_offset",
+        )
+        .bind(&self.member)
+        .bind(key)
+        .fetch_one(&mut *session)
+        .await?;
+        Ok(Some(next))
     }
+}
+
+/// What one reading of the group's rows found (see `Membership::read_shares`).
+#[derive(Default)]
+struct Shares {
+    /// The group's partitions this member consumes.
+    total: usize,
+    members: usize,
+    rank: usize,
+    /// Partitions whose lock nobody holds, with their lock key.
+    free: Vec<(TopicPartition, i32)>,
 }
 
 /// How many of `total` partitions the member of rank `rank` (0-based) among `members` holds: an
@@ -422,84 +436,6 @@ pub async fn partition_states<C: ConnectionTrait>(conn: &C) -> Result<Vec<Partit
         .collect()
 }
 
-/// What a consumer process last found out about its group: partitions nobody consumes, and
-/// partitions it owns that have messages waiting but did not move for a while.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct GroupHealth {
-    pub unowned: Vec<String>,
-    pub stalled: Vec<String>,
-}
-
-impl GroupHealth {
-    /// A partition one of `members` owns that did not move for this long while messages wait on
-    /// it is stalled.
-    pub const STALL_AFTER_SECS: f64 = 30.0;
-
-    pub fn healthy(&self) -> bool {
-        self.unowned.is_empty() && self.stalled.is_empty()
-    }
-}
-
-/// Turns successive readings of the partition states into a [`GroupHealth`]. A partition is
-/// briefly without an owner in normal work: a member creates its row and locks it in the next
-/// statement, a member gives it back and another takes it at its next rebalance tick (well under
-/// a second). So a partition counts as unowned only once it has been seen unowned for
-/// [`HealthWatch::UNOWNED_AFTER`] without a break; a reading that finds it owned starts over.
-#[derive(Debug, Default)]
-pub struct HealthWatch {
-    unowned_since: BTreeMap<String, Instant>,
-    last: Option<GroupHealth>,
-}
-
-impl HealthWatch {
-    /// How long a partition must stay unowned to be reported (a dead member's partitions are
-    /// taken in under a second; this is well above that and well under the 15 s in which an
-    /// orphaned partition must be consumed again).
-    pub const UNOWNED_AFTER: Duration = Duration::from_secs(10);
-
-    /// The health found by the last `check` (`None` before the first).
-    pub fn last(&self) -> Option<&GroupHealth> {
-        self.last.as_ref()
-    }
-
-    /// The health seen at `now` by a process whose group members are `members`; kept as `last`.
-    pub fn check(
-        &mut self,
-        states: &[PartitionState],
-        members: &[String],
-        now: Instant,
-    ) -> GroupHealth {
-        let name = |s: &PartitionState| format!("{}[{}]", s.topic, s.partition);
-        let unowned_now: BTreeSet<String> = states.iter().filter(|s| !s.owned).map(name).collect();
-        self.unowned_since
-            .retain(|partition, _| unowned_now.contains(partition));
-        let unowned = unowned_now
-            .into_iter()
-            .filter(|partition| {
-                let since = *self.unowned_since.entry(partition.clone()).or_insert(now);
-                now.duration_since(since) >= Self::UNOWNED_AFTER
-            })
-            .collect();
-        let health = GroupHealth {
-            unowned,
-            stalled: states
-                .iter()
-                .filter(|s| {
-                    s.owned
-                        && s.owner
-                            .as_ref()
-                            .is_some_and(|owner| members.contains(owner))
-                        && s.lag().unwrap_or(0) > 0
-                        && s.idle_secs.unwrap_or(0.0) > GroupHealth::STALL_AFTER_SECS
-                })
-                .map(name)
-                .collect(),
-        };
-        self.last = Some(health.clone());
-        health
-    }
-}
-
 /// Records the high watermarks a consumer read (for lag, shown by every role).
 pub async fn record_watermarks<C: ConnectionTrait>(
     conn: &C,
@@ -545,48 +481,11 @@ mod tests {
 
     #[test]
     fn group_keys_are_stable_non_negative_int4s() {
-        assert_eq!(group_key("acme-webhooks"), group_key("acme-webhooks"));
+        // Members of different releases must lock the same key: the hash may never change.
+        assert_eq!(group_key("acme-webhooks"), 0x5263_1bd4);
+        assert_eq!(group_key(""), 0x011c_9dc5);
         assert_ne!(group_key("a"), group_key("b"));
         assert!(group_key("anything") >= 0);
-    }
-
-    fn state(partition: i32, owner: Option<&str>, owned: bool) -> PartitionState {
-        PartitionState {
-            topic: "t.contact.created".into(),
-            partition,
-            next_offset: Some(5),
-            high_watermark: Some(5),
-            owned,
-            owner: owner.map(Into::into),
-            idle_secs: Some(1.0),
-        }
-    }
-
-    #[test]
-    fn a_partition_between_owners_is_not_reported_one_left_unowned_is() {
-        let members = ["m1".to_owned()];
-        let mut watch = HealthWatch::default();
-        let start = Instant::now();
-        let at = |secs: u64| start + Duration::from_secs(secs);
-        let both_free = [state(0, None, false), state(1, Some("gone"), false)];
-        let one_taken = [state(0, Some("m1"), true), state(1, Some("gone"), false)];
-
-        // A member that just created the rows and has not locked them yet: healthy.
-        assert!(watch.check(&both_free, &members, at(0)).healthy());
-        // Partition 0 is taken; partition 1 stays free past the grace and is named.
-        assert!(watch.check(&one_taken, &members, at(5)).healthy());
-        let health = watch.check(&one_taken, &members, at(10));
-        assert_eq!(health.unowned, ["t.contact.created[1]"]);
-        assert!(health.stalled.is_empty());
-        // Partition 0 released again: its clock starts over, so only partition 1 is named.
-        let health = watch.check(&both_free, &members, at(12));
-        assert_eq!(health.unowned, ["t.contact.created[1]"]);
-        // Once taken, partition 1 is healthy at once.
-        let taken = [state(0, Some("m1"), true), state(1, Some("m1"), true)];
-        assert!(watch.check(&taken, &members, at(13)).healthy());
-        // A free spell after that is a new one: not reported before its own grace.
-        assert!(watch.check(&both_free, &members, at(20)).healthy());
-        assert_eq!(watch.check(&both_free, &members, at(30)).unowned.len(), 2);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The outbox relay: claims unpublished rows with `FOR UPDATE SKIP LOCKED`, publishes them, waits
+//! Publish: the relay loop, outbox rows -> the bus. It claims unpublished rows with `FOR UPDATE SKIP LOCKED`, publishes them, waits
 //! for every delivery report, then marks the delivered rows published in the claiming transaction.
 //! A row is never marked published without a delivery report; a relay that dies mid-batch rolls
 //! back and another relay (or its restart) publishes the rows again.
@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 use sea_orm::{DatabaseConnection, DbErr, TransactionTrait};
 use tokio_util::sync::CancellationToken;
 
+mod wakeup;
+
+pub use wakeup::OutboxWakeup;
+
 use crate::bus::{BusMessage, Publisher};
 use crate::config::{RelayConfig, backoff};
-use crate::metric_names as names;
+use crate::metrics as names;
 use crate::outbox::{self, republish_pending};
-use crate::wakeup::OutboxWakeup;
 
 /// What one relay step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +25,7 @@ pub struct RelayStep {
 
 /// Publishes the outbox to the bus.
 #[derive(Clone)]
-pub struct OutboxRelay {
+pub struct Relay {
     db: DatabaseConnection,
     publisher: Publisher,
     config: RelayConfig,
@@ -33,7 +36,7 @@ pub struct OutboxRelay {
     sweeps: bool,
 }
 
-impl OutboxRelay {
+impl Relay {
     pub fn new(db: DatabaseConnection, publisher: Publisher, config: RelayConfig) -> Self {
         Self {
             db,
@@ -144,7 +147,7 @@ impl OutboxRelay {
                     failures = 0;
                     if step.failed > 0
                         && let Some(kafka) = &self.recreate_topics
-                        && let Err(error) = crate::kafka::ensure_topics(kafka).await
+                        && let Err(error) = crate::bus::kafka::ensure_topics(kafka).await
                     {
                         tracing::warn!(%error, "could not check the topics");
                     }
