@@ -33,6 +33,16 @@ where
     }
 }
 
+/// The row-lock clause of a pruning statement over table alias `alias`: `FOR UPDATE OF alias SKIP
+/// LOCKED` on PostgreSQL; nothing on SQLite (embedded mode), which has one writer and no row
+/// locks, so the same statement runs there without them.
+pub(crate) fn skip_locked(backend: DatabaseBackend, alias: &str) -> String {
+    match backend {
+        DatabaseBackend::Postgres => format!("FOR UPDATE OF {alias} SKIP LOCKED"),
+        _ => String::new(),
+    }
+}
+
 /// `($first+1, ..., $first+n)`: `$n` placeholders, which PostgreSQL and SQLite both take.
 pub(crate) fn placeholders(first: usize, n: usize) -> String {
     let list: Vec<String> = (first + 1..=first + n).map(|i| format!("${i}")).collect();

@@ -12,14 +12,14 @@ use chrono::{DateTime, Utc};
 use entity::{EventStatus, EventType, webhook_event};
 use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseBackend, DatabaseConnection, DbErr,
-    EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
+    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
     TransactionTrait,
 };
 
 use crate::config::KafkaConfig;
 use crate::outbox::{self, NewEvent};
-use crate::sql::{PruneCursor, one_of};
+use crate::sql::{PruneCursor, one_of, skip_locked};
 
 use webhook_event::Column as E;
 
@@ -205,12 +205,7 @@ pub async fn prune_processed<C: ConnectionTrait>(
     limit: u64,
 ) -> Result<(u64, PruneCursor), DbErr> {
     let backend = txn.get_database_backend();
-    // SQLite (embedded mode) has one writer and no row locks: the same statement without them.
-    let lock = if backend == DatabaseBackend::Postgres {
-        "FOR UPDATE OF e SKIP LOCKED"
-    } else {
-        ""
-    };
+    let lock = skip_locked(backend, "e");
     // Ordered by the index (status, created_at, id); `$n` placeholders are understood by
     // both PostgreSQL and SQLite.
     let statement = Statement::from_sql_and_values(

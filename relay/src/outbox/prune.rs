@@ -1,9 +1,9 @@
 //! Retention's statement on the outbox: published rows whose event no longer needs them.
 use chrono::{DateTime, Utc};
 use entity::EventStatus;
-use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement};
+use sea_orm::{ConnectionTrait, DbErr, Statement};
 
-use crate::sql::PruneCursor;
+use crate::sql::{PruneCursor, skip_locked};
 
 /// Deletes, in `txn`, at most `limit` rows published before `cutoff` and after `cursor` whose
 /// event no longer needs them (it is `processed`, or gone); rows locked by anyone else are
@@ -15,12 +15,7 @@ pub async fn prune_published<C: ConnectionTrait>(
     limit: u64,
 ) -> Result<(u64, PruneCursor), DbErr> {
     let backend = txn.get_database_backend();
-    // SQLite (embedded mode) has one writer and no row locks: the same statement without them.
-    let lock = if backend == DatabaseBackend::Postgres {
-        "FOR UPDATE OF o SKIP LOCKED"
-    } else {
-        ""
-    };
+    let lock = skip_locked(backend, "o");
     // Ordered by the partial index on published_at; `id` breaks ties for the cursor. The
     // event's status is a scalar subquery (one unique-index lookup per row): as
     // `NOT EXISTS (... status <> 'processed')` PostgreSQL read every event for the anti-join
