@@ -34,7 +34,7 @@ async fn an_open_loop_run_reports_what_the_database_holds() {
         "--invalid-share",
         "0.1",
         "--database-url",
-        database_url.as_str(),
+        database_url.url(),
         "--json",
         json.to_str().expect("utf-8 path"),
         "--plot",

@@ -48,11 +48,6 @@ impl TestDatabase {
         &self.url
     }
 
-    /// The URL, as `String::as_str` gave it when `fresh_database` returned one.
-    pub fn as_str(&self) -> &str {
-        &self.url
-    }
-
     pub fn name(&self) -> &str {
         &self.name
     }
