@@ -123,8 +123,12 @@ ensure_postgres() {
   [ "$(id -u)" = 0 ] && run=(runuser -u "$user" --)
   log "PostgreSQL: starting a throwaway cluster on port $port ($bindir)"
   "${run[@]}" "$bindir/initdb" -D "$dir/data" -A trust -U postgres >"$dir/initdb.log"
+  # pg_stat_statements (when the server has it) lets the benchmarks count statements per event.
+  local preload=""
+  [ -e "$("$bindir/pg_config" --pkglibdir 2>/dev/null || echo "$bindir/../lib")/pg_stat_statements.so" ] &&
+    preload="-c shared_preload_libraries=pg_stat_statements"
   "${run[@]}" "$bindir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=on" start >/dev/null
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=on $preload" start >/dev/null
   CLEANUP+=("${run[*]} $bindir/pg_ctl -D $dir/data -m fast stop >/dev/null; rm -rf $dir")
   export ACME_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$port/postgres
 }

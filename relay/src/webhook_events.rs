@@ -3,18 +3,19 @@
 //! own statements that read an event's status.
 //!
 //! Who calls what: the admin API finds, lists and retries events ([`find`], [`list`],
-//! [`requeue_one`], [`requeue_failed`]); the consumer locks the events of a batch and ends their attempt
-//! ([`lock`], [`mark_processed`], [`mark_failed`]); retention deletes old processed ones
+//! [`requeue_one`], [`requeue_failed`]); the consumer claims the pending events of a batch
+//! ([`claim_pending`]), locks the others to read their status ([`lock`]) and fails what can
+//! never be applied ([`mark_failed`]); retention deletes old processed ones
 //! ([`prune_processed`]); the backlog counts what waits ([`unprocessed`], [`count_failed`]).
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Utc};
 use entity::{EventStatus, EventType, webhook_event};
-use sea_orm::sea_query::{Expr, ExprTrait, LockBehavior, LockType};
+use sea_orm::sea_query::{Expr, ExprTrait, Keyword, LockBehavior, LockType, Query};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait,
-    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
-    TransactionTrait,
+    FromQueryResult, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, Statement,
+    TransactionTrait, UpdateMany,
 };
 
 use crate::config::KafkaConfig;
@@ -159,40 +160,64 @@ pub async fn lock<C: ConnectionTrait>(
         .collect())
 }
 
-/// Marks the locked `pending` events `rows` processed, in one statement.
-pub async fn mark_processed<C: ConnectionTrait>(conn: &C, rows: Vec<i64>) -> Result<(), DbErr> {
-    if rows.is_empty() {
-        return Ok(());
+/// Claims the `pending` events among `ids`: marks them processed in ONE statement and returns
+/// the row id of each one it claimed, by event id. The update takes the row locks itself (held to
+/// the end of the transaction), so the consumer writes each event once; a `SELECT ... FOR UPDATE`
+/// first would write every row twice (the lock, then the new version). An event another
+/// transaction holds is waited for and then, no longer pending, left out.
+///
+/// The status condition is written `(status = 'pending') IS TRUE`, which no index can answer, so
+/// the planner never ANDs in a scan of the status index (see [`lock`]).
+pub async fn claim_pending<C: ConnectionTrait>(
+    conn: &C,
+    ids: &BTreeSet<&str>,
+) -> Result<BTreeMap<String, i64>, DbErr> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
     }
-    finish(conn, rows, EventStatus::Processed, None).await
+    let mut update = ended(EventStatus::Processed, None)
+        .filter(one_of(
+            conn.get_database_backend(),
+            E::EventId,
+            ids.iter().map(|id| (*id).to_owned()),
+        ))
+        .filter(Expr::expr(E::Status.eq(EventStatus::Pending)).is(Keyword::Custom("TRUE".into())))
+        .into_query();
+    update.returning(Query::returning().columns([E::EventId, E::Id]));
+    conn.query_all(&update)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get_by_index::<String>(0)?,
+                row.try_get_by_index::<i64>(1)?,
+            ))
+        })
+        .collect()
 }
 
 /// Marks the locked `pending` event `row` failed with `error`.
 pub async fn mark_failed<C: ConnectionTrait>(conn: &C, row: i64, error: &str) -> Result<(), DbErr> {
-    finish(conn, vec![row], EventStatus::Failed, Some(error)).await
+    ended(EventStatus::Failed, Some(error))
+        .filter(E::Id.eq(row))
+        .exec(conn)
+        .await?;
+    Ok(())
 }
 
-/// Ends one attempt of the events `rows` (by primary key) with `status` and `error`.
-async fn finish<C: ConnectionTrait>(
-    conn: &C,
-    rows: Vec<i64>,
-    status: EventStatus,
-    error: Option<&str>,
-) -> Result<(), DbErr> {
+/// The update that ends one attempt of an event with `status` and `error` (rows still to pick).
+fn ended(status: EventStatus, error: Option<&str>) -> UpdateMany<webhook_event::Entity> {
     let now = Utc::now();
-    let mut update = webhook_event::Entity::update_many()
+    let update = webhook_event::Entity::update_many()
         .col_expr(E::Status, Expr::value(status))
         .col_expr(E::Error, Expr::value(error))
         .col_expr(E::UpdatedAt, Expr::value(now))
         .col_expr(E::Attempts, Expr::col(E::Attempts).add(1));
     if status == EventStatus::Processed {
-        update = update.col_expr(E::ProcessedAt, Expr::value(now));
+        update.col_expr(E::ProcessedAt, Expr::value(now))
+    } else {
+        update
     }
-    update
-        .filter(one_of(conn.get_database_backend(), E::Id, rows))
-        .exec(conn)
-        .await?;
-    Ok(())
 }
 
 /// Deletes, in `txn`, at most `limit` events processed and received before `cutoff`, after

@@ -193,16 +193,33 @@ async fn refuse(
 type Locked = BTreeMap<String, (i64, EventStatus)>;
 
 /// Applies `parsed` with a few statements for all of them (see [`EventProcessor::apply_batch`]):
-/// lock the batch's events, claim the pending ones that can be applied, fail the pending ones
-/// that never can, and apply the claimed changes to `contacts`.
+/// claim the pending events that can be applied (one update), lock the batch's other events to
+/// read their status (none, unless the batch holds re-deliveries or messages that cannot be
+/// applied), fail the pending ones that never can, and apply the claimed changes to `contacts`.
 async fn apply_parsed<C: ConnectionTrait>(
     txn: &C,
     parsed: &[Parsed],
 ) -> Result<Vec<Outcome>, DbErr> {
-    let ids: BTreeSet<&str> = parsed.iter().filter_map(Parsed::event_id).collect();
-    let events = webhook_events::lock(txn, &ids).await?;
-    let (claimed, to_apply) = claimable(parsed, &events);
-    webhook_events::mark_processed(txn, claimed.iter().map(|id| events[*id].0).collect()).await?;
+    let changes: BTreeSet<&str> = parsed
+        .iter()
+        .filter_map(|p| match p {
+            Parsed::Change(change) => Some(change.event_id.as_str()),
+            Parsed::Unappliable { .. } => None,
+        })
+        .collect();
+    let claimed_rows = webhook_events::claim_pending(txn, &changes).await?;
+    let others: BTreeSet<&str> = parsed
+        .iter()
+        .filter_map(Parsed::event_id)
+        .filter(|id| !claimed_rows.contains_key(*id))
+        .collect();
+    let mut events = webhook_events::lock(txn, &others).await?;
+    let (claimed, to_apply) = claimable(parsed, &claimed_rows);
+    events.extend(
+        claimed_rows
+            .into_iter()
+            .map(|(id, row)| (id, (row, EventStatus::Processed))),
+    );
     let (decided, to_fail) = decide(parsed, &events, &claimed);
     for (row, reason) in to_fail {
         webhook_events::mark_failed(txn, row, &reason.to_string()).await?;
@@ -229,17 +246,16 @@ impl Parsed {
     }
 }
 
-/// The pending events of `parsed` that can be applied (each once), and their changes.
+/// The claimed events of `parsed` (each once), and their changes: the first message of each.
 fn claimable<'a>(
     parsed: &'a [Parsed],
-    events: &Locked,
+    claimed_rows: &BTreeMap<String, i64>,
 ) -> (BTreeSet<&'a str>, Vec<&'a ContactEvent>) {
-    let pending = |id: &str| events.get(id).is_some_and(|e| e.1 == EventStatus::Pending);
     let mut claimed: BTreeSet<&str> = BTreeSet::new();
     let mut to_apply: Vec<&ContactEvent> = Vec::new();
     for p in parsed {
         if let Parsed::Change(change) = p
-            && pending(&change.event_id)
+            && claimed_rows.contains_key(&change.event_id)
             && claimed.insert(&change.event_id)
         {
             to_apply.push(change);

@@ -192,5 +192,16 @@ mod tests {
         let summary = backlog(&db).await.expect("backlog");
         assert_eq!((summary.pending, summary.parked), (1, 1));
         assert!(claim(&db, 10).await.expect("claim").is_empty());
+
+        // The consumer's claim: pending events only, each once.
+        let ids = std::collections::BTreeSet::from(["evt_1", "evt_3"]);
+        let claimed = crate::webhook_events::claim_pending(&db, &ids)
+            .await
+            .expect("claim events");
+        assert_eq!(claimed.keys().collect::<Vec<_>>(), ["evt_1"]);
+        let again = crate::webhook_events::claim_pending(&db, &ids)
+            .await
+            .expect("claim events");
+        assert!(again.is_empty(), "{again:?}");
     }
 }
