@@ -7,7 +7,8 @@ SECONDS_PER_PHASE=${BENCH_SECONDS:-15}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 SECRET=bench-secret-0123456789
 TARGET_DIR=${CARGO_TARGET_DIR:-target}
-OUT=$TARGET_DIR/bench/$(date -u +%Y%m%dT%H%M%SZ)
+RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)
+OUT=$TARGET_DIR/bench/$RUN_ID
 mkdir -p "$OUT"
 
 ensure_build_tools
@@ -19,7 +20,8 @@ command -v jq >/dev/null || apt_install jq
 log "building (release)"
 # One build: the service, the load generator (bench/loadgen) and the two baseline examples.
 cargo build --release --quiet -p acme-webhooks -p loadgen -p relay --bins --examples
-BIN=$TARGET_DIR/release/acme-webhooks
+# BENCH_BIN: another build of the service to measure (e.g. an older tree's, for a paired run).
+BIN=${BENCH_BIN:-$TARGET_DIR/release/acme-webhooks}
 LOADGEN=$TARGET_DIR/release/loadgen
 
 fresh_db() { # name -> URL
@@ -28,11 +30,12 @@ fresh_db() { # name -> URL
   echo "$base/$1"
 }
 
-# Runs the service with the given role in the background; sets SERVICE_PID.
+# Runs the service with the given role in the background; sets SERVICE_PID. Topics and group are
+# named after the run too, so runs against a long-lived broker never read each other's topics.
 start_service() { # role db_url port prefix
   ACME_WEBHOOKS_DATABASE__URL=$2 ACME_WEBHOOKS_HTTP__BIND=127.0.0.1:${3:-0} \
     ACME_WEBHOOKS_WEBHOOK__SECRETS=$SECRET ACME_WEBHOOKS_KAFKA__BROKERS=$ACME_TEST_KAFKA_BROKERS \
-    ACME_WEBHOOKS_KAFKA__TOPIC_PREFIX=$4 ACME_WEBHOOKS_KAFKA__GROUP_ID=$4 \
+    ACME_WEBHOOKS_KAFKA__TOPIC_PREFIX=$RUN_ID.$4 ACME_WEBHOOKS_KAFKA__GROUP_ID=$RUN_ID.$4 \
     ACME_WEBHOOKS_DATABASE__MAX_CONNECTIONS=32 ACME_WEBHOOKS_LOG__FILTER=warn \
     "$BIN" $1 >"$OUT/service-$4.log" 2>&1 &
   SERVICE_PID=$!

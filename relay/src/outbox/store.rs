@@ -18,8 +18,13 @@ use crate::config::KafkaConfig;
 pub const NOTIFY_CHANNEL: &str = "acme_webhooks_outbox";
 
 /// Inserts the events that are new (by `event_id`) as `pending`, each with its outbox row, on
-/// `conn` (normally the caller's transaction), and notifies the relays. Returns the ids that
-/// were new; a repeated id, in `events` or in the table, is not.
+/// `conn`, and notifies the relays. Returns the ids that were new; a repeated id, in `events` or
+/// in the table, is not.
+///
+/// On PostgreSQL this is ONE statement, the notification included, so it is atomic on its own:
+/// `conn` may be the pool (the statement is then its own transaction, committed in the one
+/// round trip that runs it) or a transaction. Elsewhere it is several statements: pass a
+/// transaction.
 pub async fn store_events<C: ConnectionTrait>(
     conn: &C,
     kafka: &KafkaConfig,
@@ -34,18 +39,19 @@ pub async fn store_events<C: ConnectionTrait>(
     if unique.is_empty() {
         return Ok(HashSet::new());
     }
-    let inserted = if conn.get_database_backend() == DatabaseBackend::Postgres {
-        store_postgres(conn, kafka, &unique).await?
-    } else {
-        store_portable(conn, kafka, &unique).await?
-    };
+    if conn.get_database_backend() == DatabaseBackend::Postgres {
+        return store_postgres(conn, kafka, &unique).await;
+    }
+    let inserted = store_portable(conn, kafka, &unique).await?;
     if !inserted.is_empty() {
         notify_relays(conn).await?;
     }
     Ok(inserted)
 }
 
-/// The statement of `store_postgres`: $1 the batch document, $2 the time.
+/// The statement of `store_postgres`: $1 the batch document, $2 the time. `pg_notify` is
+/// volatile, so its CTE is evaluated once (not inlined), and only when a row was new; the
+/// notification is delivered at commit, like `NOTIFY`.
 static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH batch AS (SELECT * FROM jsonb_to_recordset($1::jsonb) \
@@ -56,12 +62,16 @@ static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
            SELECT event_id, event_type, contact_id, payload, '{pending}', $2, $2 \
            FROM batch ORDER BY event_id \
            ON CONFLICT (event_id) DO NOTHING \
-           RETURNING event_id) \
-         INSERT INTO outbox (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) \
-         SELECT b.event_id, b.topic, b.contact_id, b.payload, b.headers, $2, $2 \
-         FROM new_events n JOIN batch b ON b.event_id = n.event_id \
-         ORDER BY b.event_id RETURNING event_id",
+           RETURNING event_id), \
+         new_rows AS (INSERT INTO outbox \
+           (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) \
+           SELECT b.event_id, b.topic, b.contact_id, b.payload, b.headers, $2, $2 \
+           FROM new_events n JOIN batch b ON b.event_id = n.event_id \
+           ORDER BY b.event_id RETURNING event_id), \
+         notified AS (SELECT pg_notify('{channel}', '') WHERE EXISTS (SELECT 1 FROM new_rows)) \
+         SELECT event_id FROM new_rows LEFT JOIN notified ON true",
         pending = EventStatus::Pending.as_str(),
+        channel = NOTIFY_CHANNEL,
     )
 });
 
@@ -78,7 +88,7 @@ struct BatchRow<'a> {
 
 /// PostgreSQL: ONE statement of a fixed shape, whatever the batch size, so every connection
 /// prepares and plans it once. The batch travels as one JSON document; each event that was new
-/// gets its outbox row from it on the server. The one backend fork of the outbox (benchmarked:
+/// gets its outbox row from it on the server, and the relays are notified in the same statement. The one backend fork of the outbox (benchmarked:
 /// see docs/benchmarks.md).
 async fn store_postgres<C: ConnectionTrait>(
     conn: &C,
