@@ -187,18 +187,37 @@ impl Service {
         }
         let (sink, source) = bus::new_pair(&config.kafka, roles.relay, roles.consumer).await?;
         let wakeup = OutboxWakeup::default();
+        let background = roles::Background::new(config.ingest.background_nice);
         if roles.relay {
             let settings = RelaySettings {
                 kafka: config.kafka.clone(),
                 relay: config.relay.clone(),
                 retention: config.retention.clone(),
             };
-            roles::spawn_relay(&mut tasks, &db, settings, sink, &wakeup, &shutdown).await?;
+            roles::spawn_relay(
+                &mut tasks,
+                &background,
+                &db,
+                settings,
+                sink,
+                &wakeup,
+                &shutdown,
+            )
+            .await?;
         }
         let consumer = if roles.consumer {
             let lag_every = config.metrics.backlog_refresh();
             let settings = config.consumer.clone();
-            roles::spawn_consumer(&mut tasks, &db, settings, source, lag_every, &shutdown).await?
+            roles::spawn_consumer(
+                &mut tasks,
+                &background,
+                &db,
+                settings,
+                source,
+                lag_every,
+                &shutdown,
+            )
+            .await?
         } else {
             None
         };

@@ -116,12 +116,19 @@ impl DatabaseConfig {
 pub struct IngestConfig {
     pub batch_max: usize,
     pub writers: usize,
+    /// How many `nice` steps below HTTP and ingest the relay, the consumer and retention run.
+    pub background_nice: i32,
 }
 
 impl IngestConfig {
     fn validate(&self) -> Result<(), Invalid> {
         positive(self.batch_max as u64, "ingest.batch_max")?;
-        positive(self.writers as u64, "ingest.writers")
+        positive(self.writers as u64, "ingest.writers")?;
+        check(
+            !(0..=19).contains(&self.background_nice),
+            "ingest.background_nice",
+            "must be between 0 and 19",
+        )
     }
 }
 

@@ -1,10 +1,17 @@
 //! The two background roles of this crate, each started by one call: the outbox relay (with
 //! retention) and the consumer (with its lag reporting). The service's `Service::start` joins
 //! them with the HTTP role under one shutdown token.
+//!
+//! They run on a runtime of their own, [`Background`], whose threads (and the Kafka client's,
+//! which inherit their priority) may run at a lower CPU priority than HTTP and ingest: on a
+//! busy host the sender's ack comes first, and the relay and the consumer take what is left.
+use std::future::Future;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use anyhow::Context;
 use sea_orm::{DatabaseBackend, DatabaseConnection};
+use tokio::runtime::{Handle, Runtime};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -14,6 +21,80 @@ use crate::consume::{EventProcessor, KafkaEventConsumer, LagReporter, run_in_pro
 use crate::outbox::republish_pending;
 use crate::publish::{OutboxWakeup, Relay};
 use crate::retention::Retention;
+
+/// Where the background roles run: the caller's runtime, or (with a positive `nice`) a runtime
+/// whose worker threads run `nice` steps below the process's priority (Linux `setpriority` on
+/// each thread; elsewhere the priority stays).
+#[derive(Clone)]
+pub struct Background {
+    handle: Handle,
+}
+
+impl Background {
+    /// With `nice == 0`, the current runtime; otherwise the process's background runtime, made
+    /// on first use (one per process: its `nice` is the first caller's).
+    pub fn new(nice: i32) -> Self {
+        if nice <= 0 {
+            return Self {
+                handle: Handle::current(),
+            };
+        }
+        static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+        let runtime = RUNTIME.get_or_init(|| {
+            // Every thread of the runtime (its blocking pool's too, started from its workers)
+            // gets the same value: `nice` below the thread that made the runtime.
+            let priority = current_priority() + nice;
+            tokio::runtime::Builder::new_multi_thread()
+                .thread_name("background")
+                .on_thread_start(move || set_priority(priority))
+                .enable_all()
+                .build()
+                .expect("the background runtime starts")
+        });
+        Self {
+            handle: runtime.handle().clone(),
+        }
+    }
+
+    /// Runs `future` to completion on a background thread (a Kafka client created there starts
+    /// its threads at the background priority).
+    pub async fn run<F>(&self, future: F) -> F::Output
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self.handle.spawn(future).await {
+            Ok(output) => output,
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+
+    fn spawn<F>(&self, tasks: &mut JoinSet<()>, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        tasks.spawn_on(future, &self.handle);
+    }
+}
+
+/// The calling thread's nice value (0 where there is none to read).
+fn current_priority() -> i32 {
+    #[cfg(target_os = "linux")]
+    return rustix::process::getpriority_process(None).unwrap_or(0);
+    #[cfg(not(target_os = "linux"))]
+    0
+}
+
+/// Sets the calling thread's nice value (on Linux it belongs to the thread, and the threads it
+/// starts inherit it).
+fn set_priority(priority: i32) {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(None, priority) {
+        tracing::warn!(priority, %error, "could not lower the background threads' priority");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = priority;
+}
 
 /// What the relay role is configured with.
 pub struct RelaySettings {
@@ -26,6 +107,7 @@ pub struct RelaySettings {
 /// enabled.
 pub async fn spawn_relay(
     tasks: &mut JoinSet<()>,
+    background: &Background,
     db: &DatabaseConnection,
     settings: RelaySettings,
     sink: BusSink,
@@ -46,7 +128,7 @@ pub async fn spawn_relay(
             tracing::info!(requeued, "re-queued pending events for the in-process bus");
         }
     }
-    let publisher = sink.connect().await?;
+    let publisher = background.run(sink.connect()).await?;
     let mut relay = Relay::new(db.clone(), publisher, settings.relay.clone());
     if recreate_topics {
         relay = relay.recreate_topics_after_failures(settings.kafka.clone());
@@ -54,11 +136,13 @@ pub async fn spawn_relay(
     // Several loops overlap one batch's database work with another's delivery wait;
     // SKIP LOCKED keeps their batches apart.
     for _ in 1..settings.relay.workers {
-        tasks.spawn(relay.another_loop().run(wakeup.clone(), shutdown.clone()));
+        let relay = relay.another_loop();
+        background.spawn(tasks, relay.run(wakeup.clone(), shutdown.clone()));
     }
-    tasks.spawn(relay.run(wakeup.clone(), shutdown.clone()));
+    background.spawn(tasks, relay.run(wakeup.clone(), shutdown.clone()));
     if settings.retention.enabled {
-        tasks.spawn(Retention::new(db.clone(), settings.retention).run(shutdown.clone()));
+        let retention = Retention::new(db.clone(), settings.retention);
+        background.spawn(tasks, retention.run(shutdown.clone()));
     }
     Ok(())
 }
@@ -68,6 +152,7 @@ pub async fn spawn_relay(
 /// the in-process consumer.
 pub async fn spawn_consumer(
     tasks: &mut JoinSet<()>,
+    background: &Background,
     db: &DatabaseConnection,
     config: ConsumerConfig,
     source: BusSource,
@@ -76,12 +161,11 @@ pub async fn spawn_consumer(
 ) -> anyhow::Result<Option<LagReporter>> {
     let kafka = match source {
         BusSource::InProcess(receiver) => {
-            tasks.spawn(run_in_process(
-                EventProcessor::new(db.clone()),
-                receiver,
-                config,
-                shutdown.clone(),
-            ));
+            let processor = EventProcessor::new(db.clone());
+            background.spawn(
+                tasks,
+                run_in_process(processor, receiver, config, shutdown.clone()),
+            );
             return Ok(None);
         }
         BusSource::Kafka(kafka) => kafka,
@@ -94,16 +178,18 @@ pub async fn spawn_consumer(
     }
     let mut members = Vec::with_capacity(config.members);
     for _ in 0..config.members {
+        let connect = KafkaEventConsumer::connect(db.clone(), kafka.clone(), config.clone());
         members.push(
-            KafkaEventConsumer::connect(db.clone(), kafka.clone(), config.clone())
+            background
+                .run(connect)
                 .await
                 .context("creating the Kafka consumer")?,
         );
     }
     let lag = KafkaEventConsumer::lag_reporter(&members);
-    tasks.spawn(report_lag(lag.clone(), lag_every, shutdown.clone()));
+    background.spawn(tasks, report_lag(lag.clone(), lag_every, shutdown.clone()));
     for member in members {
-        tasks.spawn(member.run(shutdown.clone()));
+        background.spawn(tasks, member.run(shutdown.clone()));
     }
     Ok(Some(lag))
 }

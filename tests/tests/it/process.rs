@@ -104,6 +104,22 @@ impl ServiceProcess {
         );
     }
 
+    /// Name and nice value of each of the process's threads.
+    pub fn threads(&self) -> Vec<(String, i32)> {
+        let pid = self.child.id().expect("the service runs");
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("its threads");
+        tasks
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+            .filter_map(|stat| {
+                let (head, rest) = stat.rsplit_once(") ")?;
+                let name = head.split_once(" (")?.1.to_owned();
+                // After the name: state, ppid, ... and the nice value 17th.
+                let nice = rest.split(' ').nth(16)?.parse().ok()?;
+                Some((name, nice))
+            })
+            .collect()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -330,4 +346,70 @@ async fn json_logs_carry_the_request_and_event_ids_and_no_secrets() {
     for secret in [SECRET, hex, "contact-logged@example.com"] {
         assert!(!everything.contains(secret), "the logs contain {secret}");
     }
+}
+
+/// The sender's ack first: with every role in one process, the relay's and the consumer's
+/// threads, the Kafka client's among them, run `ingest.background_nice` steps below the threads
+/// that serve HTTP and ingest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_and_consumer_threads_run_below_the_http_threads() {
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
+    config.kafka.brokers = Some(kafka_brokers());
+    let nice = [("ACME_WEBHOOKS_INGEST__BACKGROUND_NICE", "7")];
+    let service = ServiceProcess::start(&config, &nice).await;
+    let of = |threads: &[(String, i32)], prefix: &str| -> Vec<i32> {
+        threads
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, nice)| *nice)
+            .collect()
+    };
+    let threads = service.threads();
+    let (background, kafka, http) = (
+        of(&threads, "background"),
+        of(&threads, "rdk:main"),
+        of(&threads, "tokio-rt-worker"),
+    );
+    assert!(
+        !background.is_empty() && background.iter().all(|n| *n == 7),
+        "{threads:?}"
+    );
+    assert!(
+        !http.is_empty() && http.iter().all(|n| *n == 0),
+        "{threads:?}"
+    );
+    // The relay's producer and the consumer's client at least (the readiness probe's client
+    // belongs to the HTTP side).
+    assert!(
+        kafka.iter().filter(|n| **n == 7).count() >= 2,
+        "{threads:?}"
+    );
+
+    // And the pipeline still runs end to end at that priority.
+    let body = contact_event(
+        "contact.created",
+        "evt-nice",
+        "c-nice",
+        "2026-12-03T00:00:00Z",
+    )
+    .to_string();
+    let response = reqwest::Client::new()
+        .post(service.url("/api/webhooks"))
+        .header("Content-Type", "application/json")
+        .header("X-Acme-Signature", sign(SECRET, &body))
+        .header("X-Acme-Timestamp", now_header())
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(response.status(), 200);
+    let db = connect(&config).await;
+    wait_for_count(
+        &db,
+        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
+        1,
+        DRAIN,
+    )
+    .await;
 }
