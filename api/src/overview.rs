@@ -145,6 +145,10 @@ struct Stock {
 #[derive(Default)]
 struct Samples {
     last: Option<Stock>,
+    /// What the derived counts of earlier intervals came out below zero (an event counted as
+    /// received one interval after the backlog showed it), paid back before the next ones count.
+    published_owed: i64,
+    processed_owed: i64,
     rates: VecDeque<RatePoint>,
     readiness: Option<(tokio::time::Instant, Readiness)>,
     snapshot: Option<Overview>,
@@ -207,19 +211,29 @@ impl Activity {
             let received =
                 relay::webhook_events::count_received(db, last.at - COMMIT_LAG, now - COMMIT_LAG)
                     .await?;
-            let grown = |now: i64, before: i64| now - before;
-            let minus = |received: u64, growth: i64| {
-                u64::try_from((received as i64).saturating_sub(growth)).unwrap_or(0)
+            let received_now = i64::try_from(received).unwrap_or(i64::MAX);
+            // Derived counts stay exact over time: a shortfall is carried, never clamped away.
+            let settle = |raw: i64, owed: &mut i64| -> u64 {
+                let total = raw + *owed;
+                *owed = total.min(0);
+                u64::try_from(total).unwrap_or(0)
             };
+            let published = settle(
+                received_now - (stock.unpublished - last.unpublished),
+                &mut samples.published_owed,
+            );
+            let processed = settle(
+                received_now
+                    - (stock.unprocessed - last.unprocessed)
+                    - (stock.failed - last.failed),
+                &mut samples.processed_owed,
+            );
             samples.rates.push_back(RatePoint {
                 at: now,
                 interval_secs: (now - last.at).num_milliseconds() as f64 / 1000.0,
                 received,
-                published: minus(received, grown(stock.unpublished, last.unpublished)),
-                processed: minus(
-                    received,
-                    grown(stock.unprocessed, last.unprocessed) + grown(stock.failed, last.failed),
-                ),
+                published,
+                processed,
                 unprocessed: stock.unprocessed,
                 unpublished: stock.unpublished,
             });

@@ -88,13 +88,12 @@ fn gate(request: &Request, state: &AppState) -> Gate {
 }
 
 /// Whether the browser says this request comes from a page of this origin (or from no page: a
-/// typed address, a script outside a browser).
+/// typed address, a script outside a browser). `Sec-Fetch-Site` decides when the browser sends
+/// it; else `Origin` must name this host. (Under `Referrer-Policy: no-referrer` Chromium sends
+/// `Origin: null` even for the console's own form, so `Origin` alone cannot tell.)
 fn same_origin(request: &Request) -> bool {
-    if let Some(site) = request.header("sec-fetch-site")
-        && site != "same-origin"
-        && site != "none"
-    {
-        return false;
+    if let Some(site) = request.header("sec-fetch-site") {
+        return site == "same-origin" || site == "none";
     }
     if let Some(origin) = request.header("origin") {
         let host = request.header(header::HOST).unwrap_or_default();
@@ -181,7 +180,12 @@ async fn sign_in(
     };
     if !same_origin(request) {
         count("forbidden");
-        tracing::warn!("console sign-in refused: cross-site");
+        tracing::warn!(
+            origin = request.header("origin").unwrap_or_default(),
+            host = request.header(header::HOST).unwrap_or_default(),
+            sec_fetch_site = request.header("sec-fetch-site").unwrap_or_default(),
+            "console sign-in refused: cross-site"
+        );
         return html(
             StatusCode::FORBIDDEN,
             pages::sign_in(Some("Refused: the form was not sent from this console.")),

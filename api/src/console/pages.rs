@@ -79,6 +79,8 @@ fn layout(title: &str, session: Option<&Session>, body: Markup) -> Markup {
                     meta name="csrf-token" content=(session.csrf());
                 }
                 title { (title) " · acme-webhooks console" }
+                // No favicon request (it would be a 404 in every page's log).
+                link rel="icon" href="data:,";
                 link rel="stylesheet" href="/console/assets/console.css";
                 script src="/console/assets/console.js" defer {}
             }
@@ -192,18 +194,20 @@ pub fn overview(session: &Session) -> Markup {
                         p.legend { span.k.unprocessed { "unprocessed" } span.k.unpublished { "unpublished" } }
                     }
                 }
-                div.columns {
+                div.columns.wide {
                     div.card {
-                        h2 { "Alerts" span.muted { " the shipped rules' conditions, now" } }
-                        table.alerts { thead { tr { th { "rule" } th { "severity" } th { "state" } th { "condition" } } } tbody #alerts {} }
-                    }
-                    div.card {
-                        h2 { "Readiness" }
-                        ul #readiness {}
-                        h2 { "Partitions" }
+                        h2 { "Partitions" span.muted { " of the consumer group: owner, position, lag" } }
                         table { thead { tr { th { "topic" } th { "partition" } th { "owner" } th { "next offset" } th { "lag" } } } tbody #partitions {} }
                         p.muted #no-partitions hidden { "No consumer group partitions (in-process bus, or none created yet)." }
                     }
+                    div.card {
+                        h2 { "Readiness" span.muted { " of this process's dependencies" } }
+                        ul #readiness {}
+                    }
+                }
+                div.card {
+                    h2 { "Alerts" span.muted { " the shipped Prometheus rules' conditions, judged now (Prometheus fires once one has held for the rule's for:)" } }
+                    table.alerts { thead { tr { th { "rule" } th { "severity" } th { "state" } th { "condition" } } } tbody #alerts {} }
                 }
             }
         },
@@ -433,7 +437,7 @@ pub fn event(session: &Session, detail: &EventDetail) -> Markup {
                         dt { "contact" } dd { a #contact-link href=(contact_href(&e.contact_id)) { (shown(&e.contact_id)) } }
                         dt { "status" } dd #event-status { (e.status) }
                         dt { "attempts" } dd { (e.attempts) }
-                        dt { "error" } dd.error #event-error { @if let Some(error) = &e.error { (shown(error)) } @else { "—" } }
+                        dt { "error" } dd #event-error { @if let Some(error) = &e.error { span.error { (shown(error)) } } @else { "—" } }
                         dt { "received" } dd { (when(e.received_at)) }
                         dt { "updated" } dd { (when(e.updated_at)) }
                         dt { "processed" } dd { @if let Some(at) = e.processed_at { (when(at)) } @else { "—" } }
