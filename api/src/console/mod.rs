@@ -25,6 +25,7 @@ use session::Session;
 use crate::app::AppState;
 use crate::error::{ApiError, code};
 use crate::routes::admin::{self, RetryFilter, Via};
+use crate::schema::JsonString;
 
 /// The Content-Security-Policy of every console answer.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
@@ -377,9 +378,9 @@ async fn api_retry_matching(
         event_type,
         since: parsed.since,
         until: parsed.until,
-        event_id: parsed.event_id.filter(|s| !s.is_empty()),
-        contact_id: parsed.contact_id.filter(|s| !s.is_empty()),
-        dry_run: parsed.dry_run,
+        event_id: parsed.event_id.filter(|s| !s.is_empty()).map(JsonString),
+        contact_id: parsed.contact_id.filter(|s| !s.is_empty()).map(JsonString),
+        dry_run: Some(parsed.dry_run),
     };
     match admin::retry_matching(&state, &filter, Via::Console).await {
         Ok(result) => Json(serde_json::json!({

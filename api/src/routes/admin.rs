@@ -21,7 +21,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, ApiResult, ErrorDetail, code};
 use crate::overview::Overview;
 use crate::routes::ApiTags;
-use crate::schema::EXAMPLE_EVENT_ID;
+use crate::schema::{EXAMPLE_EVENT_ID, JsonString};
 use crate::validation::{check_time_filter, is_storable_id};
 
 pub struct AdminApi;
@@ -167,13 +167,13 @@ pub struct RetryFilter {
     pub until: Option<DateTime<Utc>>,
     /// Only this event.
     #[oai(nullable)]
-    pub event_id: Option<String>,
+    pub event_id: Option<JsonString>,
     /// Only events of this contact.
     #[oai(nullable)]
-    pub contact_id: Option<String>,
-    /// Count the failed events that match, re-queue nothing.
-    #[oai(default)]
-    pub dry_run: bool,
+    pub contact_id: Option<JsonString>,
+    /// Count the failed events that match, re-queue nothing (default false).
+    #[oai(nullable)]
+    pub dry_run: Option<bool>,
 }
 
 /// What a list of events asks for (the admin API's query, and the console's).
@@ -476,11 +476,11 @@ pub async fn retry_matching(
         filter.event_type,
         filter.since,
         filter.until,
-        filter.event_id.clone(),
-        filter.contact_id.clone(),
+        filter.event_id.clone().map(|id| id.0),
+        filter.contact_id.clone().map(|id| id.0),
     )?;
     let matched = webhook_events::count_failed_matching(&state.db, &events).await?;
-    if filter.dry_run {
+    if filter.dry_run == Some(true) {
         return Ok(RetryResult {
             requeued: 0,
             matched,
