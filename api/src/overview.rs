@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::OpsState;
-use crate::routes::health::{Readiness, readiness};
+use crate::routes::health::{DependencyStatus, Readiness, readiness};
 
 /// How far back the rates go.
 pub const RATE_WINDOW: Duration = Duration::from_secs(600);
@@ -129,6 +129,11 @@ pub struct Overview {
     pub partitions: Vec<PartitionOwner>,
     /// What `/readyz` of this process answers, probed at most every 3 sampling intervals.
     pub readiness: Readiness,
+    /// The consumer group as the partitions in the database show it, whichever process
+    /// consumes: down while a partition has no live consumer or an owned one stalled with
+    /// messages waiting (`null` with the in-process bus).
+    #[oai(nullable)]
+    pub consumer_group: Option<DependencyStatus>,
     /// Every shipped alert rule.
     pub alerts: Vec<AlertState>,
 }
@@ -276,8 +281,11 @@ impl Activity {
             rates,
             partitions,
             readiness,
+            consumer_group: None,
             alerts: Vec::new(),
         };
+        overview.consumer_group =
+            consumer_group(&overview, self.ops.config.kafka.brokers.is_some());
         overview.alerts = alerts(&overview, failed.oldest_failed_at, now);
         samples.snapshot = Some(overview.clone());
         Ok(overview)
@@ -301,6 +309,34 @@ async fn partitions(db: &DatabaseConnection) -> Result<Vec<PartitionOwner>, DbEr
             idle_secs: p.idle_secs,
         })
         .collect())
+}
+
+/// The consumer group's state from its partitions (Kafka mode only).
+fn consumer_group(overview: &Overview, kafka: bool) -> Option<DependencyStatus> {
+    if !kafka {
+        return None;
+    }
+    let partitions = &overview.partitions;
+    let unowned = partitions.iter().filter(|p| !p.owned).count();
+    let stalled = partitions.iter().filter(|p| is_stalled(p)).count();
+    let error = if partitions.is_empty() {
+        Some("no partitions yet: no consumer has joined the group".to_owned())
+    } else if unowned > 0 || stalled > 0 {
+        Some(format!(
+            "{unowned} partition(s) without a live consumer, {stalled} stalled with messages waiting"
+        ))
+    } else {
+        None
+    };
+    Some(DependencyStatus {
+        name: "consumer group".into(),
+        up: error.is_none(),
+        error,
+    })
+}
+
+fn is_stalled(p: &PartitionOwner) -> bool {
+    p.owned && p.lag.unwrap_or(0) > 0 && p.idle_secs.unwrap_or(0.0) >= STALLED_SECS
 }
 
 /// Seconds a consumer's partition may sit still with messages waiting (the consumer's own

@@ -17,6 +17,8 @@ use crate::support::*;
 
 const TOKEN: &str = "console-admin-token-0123";
 const DRAIN: Duration = Duration::from_secs(60);
+/// Events of the operator's story: more than a page of the list (50).
+const EVENTS: u64 = 55;
 
 /// Where the screenshots go (`target/tmp/console/`; docs/console.md links them).
 fn screenshot(name: &str) -> String {
@@ -241,7 +243,7 @@ async fn an_operator_signs_in_watches_the_backlog_drain_finds_an_event_and_retri
     assert!(!page.as_str().unwrap_or_default().contains(TOKEN));
 
     // A backlog builds while nobody consumes...
-    for i in 0..30 {
+    for i in 0..EVENTS {
         let event = contact_event(
             "contact.created",
             &format!("evt-{i}"),
@@ -251,10 +253,17 @@ async fn an_operator_signs_in_watches_the_backlog_drain_finds_an_event_and_retri
         post_event(&client, &base, &event).await;
     }
     browser
-        .wait_for_text("[data-field=unprocessed]", "^30$", DRAIN)
+        .wait_for_text("[data-field=unprocessed]", &format!("^{EVENTS}$"), DRAIN)
         .await;
     browser
-        .wait_for_text("[data-field=received]", "^30$", DRAIN)
+        .wait_for_text("[data-field=received]", &format!("^{EVENTS}$"), DRAIN)
+        .await;
+    browser
+        .wait_for_text(
+            "#readiness li.down[data-dependency='consumer group']",
+            "no consumer has joined",
+            DRAIN,
+        )
         .await;
     browser
         .wait_for_text(
@@ -271,7 +280,14 @@ async fn an_operator_signs_in_watches_the_backlog_drain_finds_an_event_and_retri
         .wait_for_text("[data-field=unprocessed]", "^0$", DRAIN)
         .await;
     browser
-        .wait_for_text("[data-field=processed]", "^30$", DRAIN)
+        .wait_for_text("[data-field=processed]", &format!("^{EVENTS}$"), DRAIN)
+        .await;
+    browser
+        .wait_for_text(
+            "#readiness li.up[data-dependency='consumer group']",
+            "up",
+            DRAIN,
+        )
         .await;
     browser.wait_for_text("#partitions", "\\S", DRAIN).await;
     assert_eq!(
@@ -299,9 +315,24 @@ async fn an_operator_signs_in_watches_the_backlog_drain_finds_an_event_and_retri
     assert_eq!(browser.count("svg#rate-chart polyline").await, 3);
     browser.screenshot("overview-drained.png").await;
 
-    // Filter to one event, open it, then its contact.
+    // Newest first, 50 a page, then the older ones; filter to one event, open it, then its
+    // contact.
     browser.goto(&format!("{base}/console/events")).await;
-    assert_eq!(browser.count("table.events tbody tr").await, 30);
+    assert_eq!(browser.count("table.events tbody tr").await, 50);
+    let newest = browser
+        .text("table.events tbody tr:first-child a.event-link")
+        .await;
+    assert_eq!(newest, format!("evt-{}", EVENTS - 1));
+    browser.click_and_wait("#older").await;
+    assert_eq!(browser.count("table.events tbody tr").await, EVENTS - 50);
+    assert_eq!(
+        browser
+            .text("table.events tbody tr:last-child a.event-link")
+            .await,
+        "evt-0"
+    );
+    assert_eq!(browser.count("#older").await, 0);
+    browser.goto(&format!("{base}/console/events")).await;
     browser.fill("input[name=eventId]", "evt-7").await;
     browser
         .click_and_wait("form.filters button[type=submit]")
@@ -418,7 +449,7 @@ async fn an_operator_signs_in_watches_the_backlog_drain_finds_an_event_and_retri
     wait_for_count(
         &db,
         "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
-        33,
+        EVENTS as i64 + 3,
         DRAIN,
     )
     .await;
@@ -443,9 +474,23 @@ async fn an_operator_signs_in_watches_the_backlog_drain_finds_an_event_and_retri
     assert!(logs.contains("retry of the failed events matching a filter"));
     assert!(!logs.contains(TOKEN), "the token is never logged");
 
+    // Signing out ends the session in this browser.
+    browser.goto(&format!("{base}/console")).await;
+    browser.click("#sign-out").await;
+    browser
+        .call(json!({"cmd": "waitForSelector", "selector": "#token"}))
+        .await;
+    let after = browser.goto(&format!("{base}/console/api/overview")).await;
+    assert_eq!(after["status"], 401, "{after}");
+
     let log = browser.log().await;
     assert_eq!(log["dialogs"], json!([]), "{log}");
     let messages = log["messages"].as_array().cloned().unwrap_or_default();
+    // The one expected error: the signed-out overview call just above.
+    let messages: Vec<Value> = messages
+        .into_iter()
+        .filter(|m| !m["text"].as_str().unwrap_or_default().contains("401"))
+        .collect();
     assert!(
         !messages.iter().any(|m| m["type"] == "pageerror"
             || m["text"]
@@ -917,6 +962,11 @@ async fn the_admin_overview_has_counts_rates_partitions_readiness_and_every_aler
         "{overview}"
     );
     assert_eq!(overview["readiness"]["ready"], true, "{overview}");
+    assert_eq!(
+        overview["consumerGroup"],
+        json!({"name": "consumer group", "up": true}),
+        "{overview}"
+    );
 
     let rules: serde_yaml::Value = serde_yaml::from_str(
         &std::fs::read_to_string(concat!(

@@ -183,7 +183,9 @@
     }));
 
     const readiness = document.getElementById("readiness");
-    readiness.replaceChildren(...o.readiness.dependencies.map((d) => {
+    const dependencies = o.readiness.dependencies.slice();
+    if (o.consumerGroup && !dependencies.some((d) => d.name === "consumer")) dependencies.push(o.consumerGroup);
+    readiness.replaceChildren(...dependencies.map((d) => {
       const item = el("li", { class: d.up ? "up" : "down", "data-dependency": d.name });
       item.appendChild(el("strong", {}, d.name));
       item.appendChild(document.createTextNode(d.up ? " up" : " down: " + (d.error || "")));
