@@ -16,8 +16,9 @@ mod session;
 use std::sync::Arc;
 
 use poem::http::{HeaderValue, StatusCode, header};
-use poem::web::{Data, Form, Json, Path, Query};
+use poem::web::{Data, Form, Path, Query};
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, get, handler, post};
+use poem_openapi::types::ParseFromJSON;
 
 pub use session::ConsoleKeys;
 use session::Session;
@@ -25,7 +26,6 @@ use session::Session;
 use crate::app::AppState;
 use crate::error::{ApiError, code};
 use crate::routes::admin::{self, RetryFilter, Via};
-use crate::schema::JsonString;
 
 /// The Content-Security-Policy of every console answer.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
@@ -322,25 +322,9 @@ async fn api_retry_one(
         return error.into_response();
     }
     match admin::retry_event(&state, &event_id, Via::Console).await {
-        Ok(result) => Json(serde_json::json!({
-            "requeued": result.requeued, "matched": result.matched
-        }))
-        .into_response(),
+        Ok(result) => poem_openapi::payload::Json(result).into_response(),
         Err(error) => error.into_response(),
     }
-}
-
-/// The bulk retry's filter as the page sends it (the admin API's `RetryFilter` fields).
-#[derive(serde::Deserialize, Default)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RetryRequest {
-    event_type: Option<String>,
-    since: Option<chrono::DateTime<chrono::Utc>>,
-    until: Option<chrono::DateTime<chrono::Utc>>,
-    event_id: Option<String>,
-    contact_id: Option<String>,
-    #[serde(default)]
-    dry_run: bool,
 }
 
 #[handler]
@@ -352,41 +336,19 @@ async fn api_retry_matching(
     if let Err(error) = authorize_change(request, &state) {
         return error.into_response();
     }
-    let parsed = match body.into_bytes().await {
-        Ok(bytes) => serde_json::from_slice::<RetryRequest>(&bytes).ok(),
+    // The admin API's own parser: the same fields, the same checks.
+    let filter = match body.into_bytes().await {
+        Ok(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|value| RetryFilter::parse_from_json(Some(value)).ok()),
         Err(_) => None,
     };
-    let Some(parsed) = parsed else {
+    let Some(filter) = filter else {
         return ApiError::bad_request(code::FILTER_INVALID, "not a retry filter", Vec::new())
             .into_response();
     };
-    let event_type = match parsed.event_type.as_deref() {
-        None | Some("") => None,
-        Some(name) => match entity::EventType::parse(name) {
-            Some(t) => Some(t),
-            None => {
-                return ApiError::bad_request(
-                    code::FILTER_INVALID,
-                    "unknown event type",
-                    Vec::new(),
-                )
-                .into_response();
-            }
-        },
-    };
-    let filter = RetryFilter {
-        event_type,
-        since: parsed.since,
-        until: parsed.until,
-        event_id: parsed.event_id.filter(|s| !s.is_empty()).map(JsonString),
-        contact_id: parsed.contact_id.filter(|s| !s.is_empty()).map(JsonString),
-        dry_run: Some(parsed.dry_run),
-    };
     match admin::retry_matching(&state, &filter, Via::Console).await {
-        Ok(result) => Json(serde_json::json!({
-            "requeued": result.requeued, "matched": result.matched
-        }))
-        .into_response(),
+        Ok(result) => poem_openapi::payload::Json(result).into_response(),
         Err(error) => error.into_response(),
     }
 }
