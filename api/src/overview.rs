@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::OpsState;
+use crate::routes::admin::EventView;
 use crate::routes::health::{DependencyStatus, Readiness, readiness};
 
 /// How far back the rates go.
@@ -25,6 +26,8 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(600);
 /// Events received this long before a sample are counted by it: an ingest transaction takes its
 /// `created_at` a moment before it commits.
 const COMMIT_LAG: chrono::Duration = chrono::Duration::milliseconds(1000);
+/// How many of the newest failed events the overview lists.
+const RECENT_SHOWN: u64 = 5;
 /// The window of "failed recently" (the dead-letter alert looks back 10 minutes).
 const RECENT_FAILURES: chrono::Duration = chrono::Duration::minutes(10);
 
@@ -136,6 +139,8 @@ pub struct Overview {
     pub consumer_group: Option<DependencyStatus>,
     /// Every shipped alert rule.
     pub alerts: Vec<AlertState>,
+    /// The newest failed events (up to 5), with their errors.
+    pub recent_failures: Vec<EventView>,
 }
 
 /// The stock a sample saw.
@@ -206,6 +211,15 @@ impl Activity {
         let backlog = relay::outbox::backlog(db).await?;
         let failed = relay::webhook_events::failed_summary(db, now - RECENT_FAILURES).await?;
         let partitions = partitions(db).await?;
+        let failed_filter = relay::webhook_events::Filter {
+            status: Some(entity::EventStatus::Failed),
+            ..Default::default()
+        };
+        let recent_failures = relay::webhook_events::list(db, &failed_filter, None, RECENT_SHOWN)
+            .await?
+            .into_iter()
+            .map(EventView::from)
+            .collect();
         let stock = Stock {
             at: now,
             unprocessed: backlog.unprocessed,
@@ -283,6 +297,7 @@ impl Activity {
             readiness,
             consumer_group: None,
             alerts: Vec::new(),
+            recent_failures,
         };
         overview.consumer_group =
             consumer_group(&overview, self.ops.config.kafka.brokers.is_some());

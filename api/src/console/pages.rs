@@ -206,6 +206,12 @@ pub fn overview(session: &Session) -> Markup {
                     }
                 }
                 div.card {
+                    h2 { "Recent failures" span.muted { " the newest failed events, waiting for a retry" } }
+                    table.events { thead { tr { th { "received" } th { "event" } th { "type" } th { "contact" } th { "error" } } } tbody #recent-failures {} }
+                    p.muted #no-failures hidden { "No failed event." }
+                    p #all-failures hidden { a href="/console/events?status=failed" { "Every failed event, and retrying them →" } }
+                }
+                div.card {
                     h2 { "Alerts" span.muted { " the shipped Prometheus rules' conditions, judged now (Prometheus fires once one has held for the rule's for:)" } }
                     table.alerts { thead { tr { th { "rule" } th { "severity" } th { "state" } th { "condition" } } } tbody #alerts {} }
                 }

@@ -415,7 +415,9 @@ fn timeline(event: &webhook_event::Model, rows: &[relay_outbox::Model]) -> Vec<T
     )];
     for (i, row) in rows.iter().enumerate() {
         if i > 0 {
-            steps.push(entry(row.created_at, "requeued", Some(&row.topic), None));
+            // Only a failed event is re-queued (its error was cleared then).
+            let detail = Some("retried after it failed".to_owned());
+            steps.push(entry(row.created_at, "requeued", Some(&row.topic), detail));
         }
         if let Some(at) = row.published_at {
             let detail = (row.attempts > 1).then(|| format!("after {} attempts", row.attempts));

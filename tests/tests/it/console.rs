@@ -377,6 +377,18 @@ async fn an_operator_signs_in_watches_the_backlog_drain_finds_an_event_and_retri
         DRAIN,
     )
     .await;
+    browser.goto(&format!("{base}/console")).await;
+    browser
+        .wait_for_text(
+            "tr[data-alert=AcmeWebhooksDeadLettersGrowing] td.state",
+            "^FIRING$",
+            DRAIN,
+        )
+        .await;
+    browser
+        .wait_for_text("#recent-failures", "evt-poison.*no_poison", DRAIN)
+        .await;
+    browser.screenshot("overview-failure.png").await;
     browser
         .goto(&format!("{base}/console/events?status=failed"))
         .await;
@@ -511,6 +523,10 @@ async fn hostile_webhook_content_is_shown_as_text_and_runs_nothing() {
     config.kafka.brokers = Some(kafka_brokers());
     config.admin.token = Some(Secret::new(TOKEN));
     let app = TestApp::start(config, Roles::ALL).await.owning(database);
+    app.db
+        .execute_unprepared(NO_POISON)
+        .await
+        .expect("constraint");
     let event_id = "evt-<script>window.__xss=1</script>";
     let contact_id = "javascript:window.__xss=2";
     let mut event = contact_event(
@@ -525,9 +541,13 @@ async fn hostile_webhook_content_is_shown_as_text_and_runs_nothing() {
     event["data"]["title"] = json!("\u{202E}gnp.exe");
     event["data"]["notes"] = json!("</pre></bdi><svg onload=\"window.__xss=6\"></svg>");
     assert_eq!(app.post_signed_json(&event).await.status(), 200);
+    // One that fails, so that the overview's list of failures (drawn by the script) shows it.
+    let failing_id = "evt-\"><img src=x onerror=\"window.__xss=7\">\u{202E}";
+    let failing = poison(failing_id, "contact-<b>bold</b>");
+    assert_eq!(app.post_signed_json(&failing).await.status(), 200);
     app.wait_for_count(
-        "SELECT COUNT(*) FROM webhook_events WHERE status = 'processed'",
-        1,
+        "SELECT COUNT(*) FROM webhook_events WHERE status <> 'pending'",
+        2,
         DRAIN,
     )
     .await;
@@ -545,7 +565,10 @@ async fn hostile_webhook_content_is_shown_as_text_and_runs_nothing() {
         "{list}"
     );
 
-    browser.click_and_wait("a.event-link").await;
+    // The older of the two (the list is newest first).
+    browser
+        .click_and_wait("table.events tbody tr:last-child a.event-link")
+        .await;
     assert_eq!(browser.evaluate(inert).await, true);
     let payload = browser.text("#payload").await;
     for shown in [
@@ -578,10 +601,22 @@ async fn hostile_webhook_content_is_shown_as_text_and_runs_nothing() {
         "{contact}"
     );
     browser.goto(&format!("{base}/console")).await;
-    browser
-        .wait_for_text("[data-field=processed]", "^[0-9]+$", DRAIN)
+    let failures = browser
+        .wait_for_text("#recent-failures", "no_poison", DRAIN)
         .await;
+    assert!(
+        failures.contains("evt-\"><img src=x onerror=\"window.__xss=7\">\\u202E")
+            && failures.contains("contact-<b>bold</b>"),
+        "{failures}"
+    );
     assert_eq!(browser.evaluate(inert).await, true);
+    assert_eq!(
+        browser
+            .evaluate("document.body.innerText.includes('\\u202E') || document.querySelector('main b') !== null")
+            .await,
+        false
+    );
+    browser.screenshot("overview-hostile.png").await;
 
     let log = browser.log().await;
     assert_eq!(log["dialogs"], json!([]), "{log}");
@@ -1088,6 +1123,26 @@ async fn the_admin_api_filters_by_event_and_contact_shows_a_timeline_and_counts_
         config.kafka.topic_for("contact.updated")
     );
     assert_eq!(detail["outbox"][0]["headers"]["event-id"], "a1", "{detail}");
+
+    let deadline = std::time::Instant::now() + DRAIN;
+    let overview = loop {
+        let overview = admin_get(&app, "/api/admin/overview").await;
+        if overview["failed"] == 1 {
+            break overview;
+        }
+        assert!(std::time::Instant::now() < deadline, "{overview}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(overview["failedRecently"], 1);
+    assert_eq!(overview["recentFailures"][0]["eventId"], "p1", "{overview}");
+    let firing: Vec<&str> = overview["alerts"]
+        .as_array()
+        .expect("alerts")
+        .iter()
+        .filter(|a| a["firing"] == true)
+        .filter_map(|a| a["name"].as_str())
+        .collect();
+    assert_eq!(firing, ["AcmeWebhooksDeadLettersGrowing"], "{overview}");
 
     let failed = admin_get(&app, "/api/admin/events/p1").await;
     let last = failed["timeline"]

@@ -144,6 +144,24 @@
     svg.appendChild(now);
   }
 
+  // Text from a webhook, as the server renders it: isolated in <bdi>, with invisible and
+  // direction-changing characters shown as their \u escape.
+  const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ufff9-\ufffb]/u;
+  function shown(text) {
+    const bdi = el("bdi", { class: "data" });
+    for (const c of String(text)) {
+      if (HIDDEN.test(c)) {
+        bdi.appendChild(el("span", { class: "ctl", title: "invisible or direction control character" },
+          "\\u" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0")));
+      } else if (bdi.lastChild && bdi.lastChild.nodeType === Node.TEXT_NODE) {
+        bdi.lastChild.appendData(c);
+      } else {
+        bdi.appendChild(document.createTextNode(c));
+      }
+    }
+    return bdi;
+  }
+
   function setField(name, value) {
     for (const node of overview.querySelectorAll('[data-field="' + name + '"]')) node.textContent = value;
   }
@@ -191,6 +209,23 @@
       item.appendChild(document.createTextNode(d.up ? " up" : " down: " + (d.error || "")));
       return item;
     }));
+
+    const failures = document.getElementById("recent-failures");
+    failures.replaceChildren(...o.recentFailures.map((e) => {
+      const row = el("tr", { "data-event-id": e.eventId });
+      row.appendChild(el("td", { class: "time" }, new Date(e.receivedAt).toISOString()));
+      const link = el("a", { href: "/console/events/" + encodeURIComponent(e.eventId), class: "event-link" });
+      link.appendChild(shown(e.eventId));
+      row.appendChild(el("td")).appendChild(link);
+      row.appendChild(el("td", {}, e.eventType));
+      const contact = el("a", { href: "/console/contacts/" + encodeURIComponent(e.contactId) });
+      contact.appendChild(shown(e.contactId));
+      row.appendChild(el("td")).appendChild(contact);
+      row.appendChild(el("td", { class: "error" })).appendChild(shown(e.error || ""));
+      return row;
+    }));
+    document.getElementById("no-failures").hidden = o.recentFailures.length > 0;
+    document.getElementById("all-failures").hidden = o.recentFailures.length === 0;
 
     const partitions = document.getElementById("partitions");
     partitions.replaceChildren(...o.partitions.map((p) => {
