@@ -1219,3 +1219,56 @@ async fn the_admin_api_filters_by_event_and_contact_shows_a_timeline_and_counts_
         "{retried}"
     );
 }
+
+/// The events page's filters, as its form sends them, and what it says about a bad one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_page_filters_by_type_and_time_and_names_a_bad_filter() {
+    let database = fresh_database().await;
+    let mut config = test_config(&database);
+    config.admin.token = Some(Secret::new(TOKEN));
+    let app = TestApp::start(config, Roles::HTTP).await.owning(database);
+    let created = contact_event("contact.created", "evt-c", "c1", "2025-05-19T10:00:00Z");
+    let updated = contact_event("contact.updated", "evt-u", "c1", "2025-05-19T10:00:01Z");
+    assert_eq!(app.post_signed_json(&created).await.status(), 200);
+    assert_eq!(app.post_signed_json(&updated).await.status(), 200);
+    let (cookie, _) = sign_in_http(&app).await;
+    let page = |query: &'static str| {
+        let request = app
+            .client
+            .get(app.url(&format!("/console/events?{query}")))
+            .header("Cookie", &cookie);
+        async move {
+            let response = request.send().await.expect("events page");
+            assert_eq!(response.status(), 200, "{query}");
+            response.text().await.expect("html")
+        }
+    };
+    let listed = |html: &str| -> Vec<String> {
+        html.split("<tr data-event-id=\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(listed(&page("").await), ["evt-u", "evt-c"]);
+    assert_eq!(listed(&page("type=contact.created").await), ["evt-c"]);
+    assert_eq!(
+        listed(&page("range=15m&status=pending").await),
+        ["evt-u", "evt-c"]
+    );
+    assert_eq!(
+        listed(&page("until=2000-01-01T00:00:00Z").await),
+        Vec::<String>::new()
+    );
+    assert_eq!(listed(&page("contactId=c1&eventId=evt-u").await), ["evt-u"]);
+    for (query, problem) in [
+        ("since=yesterday", "since: not an RFC 3339 time"),
+        ("status=lost", "status: pending, processed or failed"),
+        ("range=1y", "range: 15m, 1h, 24h or 7d"),
+        ("cursor=abc", "cursor: not a cursor"),
+    ] {
+        let html = page(query).await;
+        assert!(html.contains(problem), "{query}: {html}");
+        assert!(listed(&html).is_empty());
+    }
+}
