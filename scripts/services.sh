@@ -57,7 +57,8 @@ ensure_nextest() {
   cargo install cargo-nextest --locked
 }
 
-# Headless Chromium for the test that renders the Swagger UI (Debian's `chromium` package).
+# Headless Chromium for the tests that render the Swagger UI and the console (Debian's `chromium`
+# package).
 # Exports ACME_TEST_CHROMIUM.
 ensure_chromium() {
   local chromium=${ACME_TEST_CHROMIUM:-}
@@ -67,6 +68,25 @@ ensure_chromium() {
     chromium=$(command -v chromium)
   fi
   export ACME_TEST_CHROMIUM=$chromium
+}
+
+# playwright-core from npm (it drives the Chromium above; it downloads no browser of its own),
+# for the console's browser tests (tests/console/driver.mjs), in ~/.cache/acme-webhooks (installing
+# Debian's nodejs and npm when missing). Exports ACME_TEST_PLAYWRIGHT_DIR.
+PLAYWRIGHT_VERSION=1.65.1
+ensure_playwright() {
+  if [ -n "${ACME_TEST_PLAYWRIGHT_DIR:-}" ] && [ -d "$ACME_TEST_PLAYWRIGHT_DIR/node_modules/playwright-core" ]; then
+    return 0
+  fi
+  command -v node >/dev/null && command -v npm >/dev/null || apt_install nodejs npm
+  local dir=${XDG_CACHE_HOME:-$HOME/.cache}/acme-webhooks/playwright-core-$PLAYWRIGHT_VERSION
+  if [ ! -f "$dir/node_modules/playwright-core/package.json" ]; then
+    log "installing playwright-core $PLAYWRIGHT_VERSION from npm into $dir"
+    mkdir -p "$dir"
+    [ -f "$dir/package.json" ] || echo '{"private": true}' >"$dir/package.json"
+    (cd "$dir" && npm install --no-audit --no-fund --ignore-scripts --silent "playwright-core@$PLAYWRIGHT_VERSION" >&2)
+  fi
+  export ACME_TEST_PLAYWRIGHT_DIR=$dir
 }
 
 pg_accepts() { # url

@@ -17,9 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client_ip::IpPolicy;
 use crate::config::{Config, Secret};
+use crate::console::ConsoleKeys;
 use crate::http_server::{self, HttpLimits};
 use crate::ingest::{GroupCommit, IngestWriter};
 use crate::middleware::{AllowedMethods, allow_on_405};
+use crate::overview::Activity;
 use crate::raw_body::BodyLimit;
 use crate::routes::admin::AdminApi;
 use crate::routes::contacts::ContactsApi;
@@ -44,6 +46,10 @@ pub struct AppState {
     pub verifier: SignatureVerifier,
     pub ip_policy: IpPolicy,
     pub writer: IngestWriter,
+    /// The overview's sampler (`GET /api/admin/overview`, the console).
+    pub activity: Activity,
+    /// The console's session keys (`None`: no admin token, console off).
+    pub console: Option<ConsoleKeys>,
 }
 
 type Apis = (WebhookApi, ContactsApi, AdminApi, HealthApi);
@@ -97,6 +103,7 @@ pub fn http_app(state: Arc<AppState>, ops: Arc<OpsState>) -> impl Endpoint {
     let allowed = AllowedMethods::of::<Apis>();
     Route::new()
         .nest("/", api)
+        .nest("/console", crate::console::routes())
         .nest("/docs", docs)
         .at("/openapi.json", spec_json)
         .at("/openapi.yaml", spec_yaml)
@@ -276,6 +283,11 @@ fn spawn_http(
     let mut secrets = Vec::new();
     let app = if roles.http {
         secrets = dev::resolve_secrets(&config)?;
+        let activity = Activity::new(ops.clone());
+        // The overview samples only while someone may read it: the admin API is on.
+        if config.admin.token.is_some() {
+            tasks.spawn(activity.clone().run(shutdown.clone()));
+        }
         let state = Arc::new(AppState {
             config: config.clone(),
             db: ops.db.clone(),
@@ -293,6 +305,8 @@ fn spawn_http(
                     writers: config.ingest.writers,
                 },
             ),
+            activity,
+            console: config.admin.token.as_ref().map(ConsoleKeys::new),
         });
         http_app(state, ops).map_to_response().boxed()
     } else {

@@ -1,5 +1,5 @@
 //! The embedded (no configuration) experience: a generated secret kept in the data directory,
-//! and a startup banner with the Swagger UI address and a signed sample `curl`.
+//! and a startup banner with the Swagger UI and console addresses and a signed sample `curl`.
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -111,6 +111,12 @@ pub fn banner(config: &Config, addr: SocketAddr, secrets: &[Secret], generated: 
     );
     let _ = writeln!(out, "  Swagger UI:   http://{addr}/docs");
     let _ = writeln!(out, "  OpenAPI spec: http://{addr}/openapi.yaml");
+    let console = if config.admin.token.is_some() {
+        "sign in with admin.token"
+    } else {
+        "off: set ACME_WEBHOOKS_ADMIN__TOKEN to turn it on"
+    };
+    let _ = writeln!(out, "  Console:      http://{addr}/console ({console})");
     if let Some(secret) = secrets.first() {
         if generated {
             let _ = writeln!(

@@ -23,6 +23,8 @@ pub mod code {
     pub const EVENT_NOT_FAILED: &str = "event_not_failed";
     pub const NOT_FOUND: &str = "not_found";
     pub const UNAUTHORIZED: &str = "unauthorized";
+    /// A console request from another site, or without the session's CSRF token.
+    pub const CROSS_SITE: &str = "cross_site_request";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL_ERROR: &str = "internal_error";
 }
@@ -152,6 +154,37 @@ impl ApiError {
             code::INTERNAL_ERROR,
             "internal error; the request may be retried",
         ))
+    }
+
+    /// The answer's status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The `message` of the answer.
+    pub fn message(&self) -> &str {
+        let (Self::BadRequest(body)
+        | Self::Unauthorized(body)
+        | Self::Forbidden(body)
+        | Self::NotFound(body)
+        | Self::RequestTimeout(body)
+        | Self::Conflict(body)
+        | Self::PayloadTooLarge(body)
+        | Self::UnsupportedMediaType(body)
+        | Self::Internal(body)
+        | Self::Unavailable(body)) = self;
+        &body.message
     }
 
     /// The `code` of the answer.

@@ -8,7 +8,7 @@
 //! | [`publish`] | the relay loop: outbox rows to the bus, woken by LISTEN/NOTIFY | change how the relay batches or retries |
 //! | [`bus`] | the message and both buses: Kafka (producer, consumer, topics) and the in-process channel | change a Kafka client setting |
 //! | [`consume`] | bus messages applied: the Kafka member, partitions and offsets in PostgreSQL, batch apply, the `contacts` projection, poison handling, group health | change how an event is applied |
-//! | [`webhook_events`] | every statement on `webhook_events` the admin API, the consumer and retention use | query or update events |
+//! | [`webhook_events`] | every statement on `webhook_events` the admin API (and the console through it), the consumer and retention use | query or update events |
 //! | [`retention`] | old published rows and processed events deleted in small batches | change what is kept |
 //!
 //! Around them: [`config`] (each section's struct and its checks), [`metrics`] (every metric's

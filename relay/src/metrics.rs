@@ -78,6 +78,14 @@ catalog! {
     INGEST_COMMIT_SECONDS = "ingest_commit_seconds", Histogram, Http, [""], _,
         "duration of a group commit";
 
+    // Admin API and console actions.
+    ADMIN_RETRIES = "admin_retries_total", Counter, Http, ["via"], _,
+        "retry actions (one event, or the failed events matching a filter), by where they came from: api or console";
+    ADMIN_REQUEUED = "admin_requeued_events_total", Counter, Http, ["via"], _,
+        "failed events set back to pending by retry actions, by where they came from: api or console";
+    CONSOLE_SIGN_INS = "console_sign_ins_total", Counter, Http, ["outcome"], _,
+        "console sign-in attempts by outcome: ok, refused (wrong token), forbidden (cross-site)";
+
     // The backlog, read from the database by every role.
     OUTBOX_PENDING_TOTAL = "outbox_pending_total", Gauge, Every, [""], _,
         "unpublished outbox rows";

@@ -2,10 +2,11 @@
 //! statement with the event's outbox row (`outbox::store_events`), and the SQL of the outbox's
 //! own statements that read an event's status.
 //!
-//! Who calls what: the admin API finds, lists and retries events ([`find`], [`list`],
-//! [`requeue_one`], [`requeue_failed`]); the consumer claims the pending events of a batch
-//! ([`claim_pending`]), locks the others to read their status ([`lock`]) and fails what can
-//! never be applied ([`mark_failed`]); retention deletes old processed ones
+//! Who calls what: the admin API (and the console) finds, lists, counts and retries events
+//! ([`find`], [`list`], [`count_failed_matching`], [`requeue_one`], [`requeue_failed`]) and sums
+//! up what arrived and failed ([`count_received`], [`failed_summary`]); the consumer claims the
+//! pending events of a batch ([`claim_pending`]), locks the others to read their status
+//! ([`lock`]) and fails what can never be applied ([`mark_failed`]); retention deletes old processed ones
 //! ([`prune_processed`]); the backlog counts what waits ([`unprocessed`], [`count_failed`]).
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -33,6 +34,10 @@ pub struct Filter {
     pub since: Option<DateTime<Utc>>,
     /// Received before.
     pub until: Option<DateTime<Utc>>,
+    /// This one event.
+    pub event_id: Option<String>,
+    /// The events of this contact (no index of its own: the newest-first scan stops at a page).
+    pub contact_id: Option<String>,
 }
 
 impl Filter {
@@ -42,6 +47,8 @@ impl Filter {
             .add_option(self.event_type.map(|t| E::EventType.eq(t)))
             .add_option(self.since.map(|t| E::CreatedAt.gte(t)))
             .add_option(self.until.map(|t| E::CreatedAt.lt(t)))
+            .add_option(self.event_id.as_deref().map(|id| E::EventId.eq(id)))
+            .add_option(self.contact_id.as_deref().map(|id| E::ContactId.eq(id)))
     }
 }
 
@@ -71,6 +78,59 @@ pub async fn list<C: ConnectionTrait>(
         .limit(limit)
         .all(conn)
         .await
+}
+
+/// How many `failed` events match `filter` (what [`requeue_failed`] would re-queue now).
+pub async fn count_failed_matching<C: ConnectionTrait>(
+    conn: &C,
+    filter: &Filter,
+) -> Result<u64, DbErr> {
+    webhook_event::Entity::find()
+        .filter(E::Status.eq(EventStatus::Failed))
+        .filter(filter.condition())
+        .count(conn)
+        .await
+}
+
+/// How many events were received in `[since, until)` (a range of the `created_at` index).
+pub async fn count_received<C: ConnectionTrait>(
+    conn: &C,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    webhook_event::Entity::find()
+        .filter(E::CreatedAt.gte(since))
+        .filter(E::CreatedAt.lt(until))
+        .count(conn)
+        .await
+}
+
+/// The `failed` events: how many, how many failed at or after `recent`, and when the one that
+/// has waited longest failed.
+#[derive(Debug, Clone, Default, FromQueryResult)]
+pub struct FailedSummary {
+    pub failed: i64,
+    pub failed_recently: i64,
+    pub oldest_failed_at: Option<DateTime<Utc>>,
+}
+
+/// [`FailedSummary`] of the failed events (a range of the status index: failed events are few).
+pub async fn failed_summary(
+    db: &DatabaseConnection,
+    recent: DateTime<Utc>,
+) -> Result<FailedSummary, DbErr> {
+    let found = FailedSummary::find_by_statement(Statement::from_sql_and_values(
+        db.get_database_backend(),
+        "SELECT COUNT(*) AS failed, \
+           CAST(COALESCE(SUM(CASE WHEN updated_at >= $1 THEN 1 ELSE 0 END), 0) AS BIGINT) \
+             AS failed_recently, \
+           MIN(updated_at) AS oldest_failed_at \
+         FROM webhook_events WHERE status = $2",
+        [recent.into(), EventStatus::Failed.as_str().into()],
+    ))
+    .one(db)
+    .await?;
+    Ok(found.unwrap_or_default())
 }
 
 /// [`requeue_failed`] for the one event `event_id`.

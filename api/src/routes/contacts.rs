@@ -89,16 +89,19 @@ impl ContactsApi {
         state: Data<&Arc<AppState>>,
         #[oai(example = "example_contact_id")] id: Path<String>,
     ) -> ApiResult<Json<ContactView>> {
-        // An id validation would refuse (NUL, over 255 bytes) names no contact; the store
-        // could not even be asked about it.
-        if !is_storable_id(&id.0) {
-            return Err(ApiError::not_found("no contact with this id"));
-        }
-        let found = contact::Entity::find_by_id(id.0.clone())
-            .one(&state.db)
-            .await?;
-        found
-            .map(|c| Json(c.into()))
-            .ok_or_else(|| ApiError::not_found(format!("no contact with id {}", id.0)))
+        find_contact(&state.db, &id.0).await.map(Json)
     }
+}
+
+/// The mirrored contact `id` (404 when there is none); the console shows it too.
+pub async fn find_contact(db: &sea_orm::DatabaseConnection, id: &str) -> ApiResult<ContactView> {
+    // An id validation would refuse (NUL, over 255 bytes) names no contact; the store could not
+    // even be asked about it.
+    if !is_storable_id(id) {
+        return Err(ApiError::not_found("no contact with this id"));
+    }
+    let found = contact::Entity::find_by_id(id.to_owned()).one(db).await?;
+    found
+        .map(ContactView::from)
+        .ok_or_else(|| ApiError::not_found(format!("no contact with id {id}")))
 }

@@ -78,3 +78,62 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// The console in embedded mode: the banner names it (off without a token, saying how to turn it
+/// on), and with a token it signs in and shows the overview of the SQLite store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_served_in_embedded_mode_and_the_banner_names_it() {
+    let data_dir = tempdir();
+    let mut config = embedded_config(&data_dir);
+    let service = start(&config).await;
+    let addr = service.http_addr.expect("listening");
+    let banner = dev::banner(&config, addr, &service.secrets, true);
+    assert!(
+        banner.contains(&format!("http://{addr}/console"))
+            && banner.contains("ACME_WEBHOOKS_ADMIN__TOKEN"),
+        "{banner}"
+    );
+    let off = reqwest::get(format!("http://{addr}/console"))
+        .await
+        .expect("console");
+    assert_eq!(off.status(), 404);
+    service.stop().await;
+
+    config.admin.token = Some(api::config::Secret::new("embedded-admin-token"));
+    let service = start(&config).await;
+    let addr = service.http_addr.expect("listening");
+    let banner = dev::banner(&config, addr, &service.secrets, false);
+    assert!(banner.contains("sign in with admin.token"), "{banner}");
+    assert!(!banner.contains("embedded-admin-token"), "{banner}");
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let signed_in = client
+        .post(format!("http://{addr}/console/session"))
+        .form(&[("token", "embedded-admin-token")])
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(signed_in.status(), 303);
+    let cookie = signed_in.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .split(';')
+        .next()
+        .expect("a cookie")
+        .to_owned();
+    let overview: serde_json::Value = client
+        .get(format!("http://{addr}/console/api/overview"))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .expect("overview")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(overview["unprocessed"], 0, "{overview}");
+    assert_eq!(overview["partitions"], serde_json::json!([]), "{overview}");
+    assert_eq!(overview["readiness"]["ready"], true, "{overview}");
+    service.stop().await;
+}

@@ -1,5 +1,6 @@
 //! Integration tests against real PostgreSQL and real Apache Kafka (scripts/kafka).
 //! Run them with `scripts/test`, which provides both.
+mod console;
 mod consumers;
 mod contract;
 mod convergence;
