@@ -1,8 +1,9 @@
 //! The backlog gauges count pending events whose row the safety net re-published. Without an
-//! index on `republished` that count read the whole outbox (kept for the retention period) once
-//! per refresh: 265 ms per call at 5500 events/s, about a third of the database's time on a 500k
-//! row outbox. Partial: only re-published rows, a handful, are in it, so ingest and the relay
-//! never write to it.
+//! index on `republished` that count read the whole outbox, which retention keeps for days, once
+//! per refresh: on a 500k-row outbox with 50k events pending the gauge query took 42.8 ms, 22 ms
+//! of it a parallel scan of the outbox on three processes; with the index 13.6 ms, the
+//! re-published part 0.01 ms. Partial: only re-published rows, a handful, are in it, so ingest
+//! and the relay never write to it.
 use sea_orm_migration::prelude::*;
 
 #[derive(DeriveMigrationName)]
