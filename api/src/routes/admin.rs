@@ -398,8 +398,10 @@ pub async fn event_detail(db: &DatabaseConnection, event_id: &str) -> ApiResult<
     })
 }
 
-/// The steps of `event` and its outbox `rows` (oldest first): received, each retry's new row,
-/// each publish, and how it ended.
+/// The steps of `event` and its outbox `rows`, in the order they happen: received, each retry's
+/// new row, each publish, and how it ended. Not sorted by time: a row's `published_at` is when
+/// the relay recorded the broker's delivery report, which can come after the consumer has
+/// already read the message and applied it.
 fn timeline(event: &webhook_event::Model, rows: &[relay_outbox::Model]) -> Vec<TimelineEntry> {
     let entry = |at, step: &str, topic: Option<&str>, detail: Option<String>| TimelineEntry {
         at,
@@ -442,7 +444,6 @@ fn timeline(event: &webhook_event::Model, rows: &[relay_outbox::Model]) -> Vec<T
         }
         EventStatus::Pending => {}
     }
-    steps.sort_by_key(|s| s.at);
     steps
 }
 
@@ -563,4 +564,55 @@ async fn find_event(db: &DatabaseConnection, event_id: &str) -> ApiResult<webhoo
     webhook_events::find(db, event_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no event with id {event_id}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    use super::*;
+
+    /// The relay records a publication when the broker's delivery report is back, which can be
+    /// after the consumer applied the message: the timeline keeps the order things happen in.
+    #[test]
+    fn a_timeline_is_in_the_order_of_the_pipeline_even_when_the_clocks_disagree() {
+        let at = |ms: i64| {
+            Utc.timestamp_millis_opt(1_764_720_000_000 + ms)
+                .single()
+                .expect("a valid instant")
+        };
+        let event = webhook_event::Model {
+            id: 1,
+            event_id: "evt_1".into(),
+            event_type: EventType::Updated,
+            contact_id: "c1".into(),
+            payload: json!({}),
+            status: EventStatus::Processed,
+            attempts: 1,
+            error: None,
+            created_at: at(0),
+            updated_at: at(80),
+            processed_at: Some(at(80)),
+        };
+        let row = relay_outbox::Model {
+            id: 1,
+            event_id: "evt_1".into(),
+            topic: "t.contact.updated".into(),
+            message_key: "c1".into(),
+            payload: json!({}),
+            headers: json!({}),
+            created_at: at(0),
+            published_at: Some(at(150)),
+            attempts: 1,
+            next_attempt_at: at(0),
+            last_error: None,
+            republished: 0,
+        };
+        let steps: Vec<String> = timeline(&event, &[row])
+            .into_iter()
+            .map(|s| s.step)
+            .collect();
+        assert_eq!(steps, ["received", "published", "processed"]);
+    }
 }
