@@ -174,21 +174,15 @@ impl ApiError {
 
     /// The `message` of the answer.
     pub fn message(&self) -> &str {
-        let (Self::BadRequest(body)
-        | Self::Unauthorized(body)
-        | Self::Forbidden(body)
-        | Self::NotFound(body)
-        | Self::RequestTimeout(body)
-        | Self::Conflict(body)
-        | Self::PayloadTooLarge(body)
-        | Self::UnsupportedMediaType(body)
-        | Self::Internal(body)
-        | Self::Unavailable(body)) = self;
-        &body.message
+        &self.body().message
     }
 
     /// The `code` of the answer.
     pub fn code(&self) -> &str {
+        &self.body().code
+    }
+
+    fn body(&self) -> &ErrorBody {
         let (Self::BadRequest(body)
         | Self::Unauthorized(body)
         | Self::Forbidden(body)
@@ -199,7 +193,7 @@ impl ApiError {
         | Self::UnsupportedMediaType(body)
         | Self::Internal(body)
         | Self::Unavailable(body)) = self;
-        &body.code
+        body
     }
 
     /// Converts errors raised outside our handlers (poem's parsers, routing) into our shape.

@@ -764,37 +764,22 @@ async fn requests_without_the_session_or_from_another_site_get_nothing_and_chang
         }
         request.send()
     };
-    assert_eq!(status(attempt(vec![]).await.expect("x")), 403);
-    assert_eq!(
-        status(
-            attempt(vec![("X-CSRF-Token", "0".repeat(64))])
-                .await
-                .expect("x")
-        ),
-        403
-    );
-    assert_eq!(
-        status(
-            attempt(vec![
-                ("X-CSRF-Token", csrf.clone()),
-                ("Origin", "http://evil.example".into())
-            ])
-            .await
-            .expect("x")
-        ),
-        403
-    );
-    assert_eq!(
-        status(
-            attempt(vec![
-                ("X-CSRF-Token", csrf.clone()),
-                ("Sec-Fetch-Site", "cross-site".into())
-            ])
-            .await
-            .expect("x")
-        ),
-        403
-    );
+    let refused: [Vec<(&'static str, String)>; 4] = [
+        vec![],
+        vec![("X-CSRF-Token", "0".repeat(64))],
+        vec![
+            ("X-CSRF-Token", csrf.clone()),
+            ("Origin", "http://evil.example".into()),
+        ],
+        vec![
+            ("X-CSRF-Token", csrf.clone()),
+            ("Sec-Fetch-Site", "cross-site".into()),
+        ],
+    ];
+    for headers in refused {
+        let shown = format!("{headers:?}");
+        assert_eq!(status(attempt(headers).await.expect("x")), 403, "{shown}");
+    }
     assert_eq!(app.count(still_failed).await, 1, "nothing changed");
 
     // A real browser, signed in, visits a page of another site that posts a form to the

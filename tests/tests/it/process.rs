@@ -120,6 +120,19 @@ impl ServiceProcess {
             .collect()
     }
 
+    /// Posts `body` to `/api/webhooks` signed with the test secret, with `extra` headers.
+    pub async fn post_webhook(&self, body: String, extra: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = reqwest::Client::new()
+            .post(self.url("/api/webhooks"))
+            .header("Content-Type", "application/json")
+            .header("X-Acme-Signature", sign(SECRET, &body))
+            .header("X-Acme-Timestamp", now_header());
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        request.body(body).send().await.expect("post")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
@@ -282,16 +295,9 @@ async fn json_logs_carry_the_request_and_event_ids_and_no_secrets() {
     )
     .to_string();
     let signature = sign(SECRET, &body);
-    let response = reqwest::Client::new()
-        .post(service.url("/api/webhooks"))
-        .header("Content-Type", "application/json")
-        .header("X-Acme-Signature", &signature)
-        .header("X-Acme-Timestamp", now_header())
-        .header("X-Request-Id", "req-from-acme-42")
-        .body(body)
-        .send()
-        .await
-        .expect("post");
+    let response = service
+        .post_webhook(body, &[("X-Request-Id", "req-from-acme-42")])
+        .await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers().get("x-request-id").map(|v| v.as_bytes()),
@@ -394,15 +400,7 @@ async fn the_relay_and_consumer_threads_run_below_the_http_threads() {
         "2026-12-03T00:00:00Z",
     )
     .to_string();
-    let response = reqwest::Client::new()
-        .post(service.url("/api/webhooks"))
-        .header("Content-Type", "application/json")
-        .header("X-Acme-Signature", sign(SECRET, &body))
-        .header("X-Acme-Timestamp", now_header())
-        .body(body)
-        .send()
-        .await
-        .expect("post");
+    let response = service.post_webhook(body, &[]).await;
     assert_eq!(response.status(), 200);
     let db = connect(&config).await;
     wait_for_count(
