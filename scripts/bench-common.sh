@@ -24,6 +24,21 @@ cargo build --release --quiet -p acme-webhooks -p loadgen -p relay --bins --exam
 BIN=${BENCH_BIN:-$TARGET_DIR/release/acme-webhooks}
 LOADGEN=$TARGET_DIR/release/loadgen
 
+# The broker's processes: whatever listens on the ports of ACME_TEST_KAFKA_BROKERS.
+broker_pids() {
+  local port
+  for port in $(tr ',' '\n' <<<"$ACME_TEST_KAFKA_BROKERS" | sed 's/.*://'); do
+    ss -ltnpH "sport = :$port" | grep -o 'pid=[0-9]*' | cut -d= -f2
+  done | sort -u
+}
+
+# PostgreSQL's postmaster: whatever listens on the port of ACME_TEST_DATABASE_URL.
+postmaster_pid() {
+  local port
+  port=$(sed -E 's|.*:([0-9]+)/.*|\1|' <<<"$ACME_TEST_DATABASE_URL")
+  ss -ltnpH "sport = :$port" | grep -o 'pid=[0-9]*' | head -n 1 | cut -d= -f2
+}
+
 fresh_db() { # name -> URL
   local base=${ACME_TEST_DATABASE_URL%/*}
   psql "$ACME_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1" >/dev/null

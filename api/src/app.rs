@@ -37,6 +37,9 @@ pub struct OpsState {
     pub db: DatabaseConnection,
     /// The consumer's view of its group (consume role over Kafka): part of readiness.
     pub consumer: Option<LagReporter>,
+    /// The newest readiness probe of the gauge loop (the console's overview shows it too, so
+    /// the broker is probed by one loop only).
+    pub readiness: tokio::sync::watch::Sender<Option<crate::routes::health::Readiness>>,
 }
 
 /// Everything a request handler needs.
@@ -232,6 +235,7 @@ impl Service {
             config: config.clone(),
             db: db.clone(),
             consumer,
+            readiness: tokio::sync::watch::Sender::new(None),
         });
         let (http_addr, secrets) =
             spawn_http(&mut tasks, roles, ops.clone(), wakeup, listener, &shutdown)?;

@@ -130,7 +130,8 @@ pub struct Overview {
     pub rates: Vec<RatePoint>,
     /// Every partition of the consumer group (Kafka mode; empty with the in-process bus).
     pub partitions: Vec<PartitionOwner>,
-    /// What `/readyz` of this process answers, probed at most every 3 sampling intervals.
+    /// What `/readyz` of this process answers, as the readiness gauges' loop last probed it
+    /// (every 3 sampling intervals).
     pub readiness: Readiness,
     /// The consumer group as the partitions in the database show it, whichever process
     /// consumes: down while a partition has no live consumer or an owned one stalled with
@@ -160,7 +161,6 @@ struct Samples {
     published_owed: i64,
     processed_owed: i64,
     rates: VecDeque<RatePoint>,
-    readiness: Option<(tokio::time::Instant, Readiness)>,
     snapshot: Option<Overview>,
 }
 
@@ -262,22 +262,13 @@ impl Activity {
             }
         }
         samples.last = Some(stock);
-        // The broker probe opens a client of its own: every third sample at most.
-        let fresh = samples
-            .readiness
-            .as_ref()
-            .is_some_and(|(at, _)| at.elapsed() < 3 * self.every);
-        if !fresh {
-            samples.readiness = Some((tokio::time::Instant::now(), readiness(&self.ops).await));
-        }
-        let readiness = samples
-            .readiness
-            .as_ref()
-            .map(|(_, r)| r.clone())
-            .unwrap_or(Readiness {
-                ready: false,
-                dependencies: Vec::new(),
-            });
+        // The gauge loop's newest probe (it opens a Kafka client: one loop does it); probed
+        // here only before that loop's first round.
+        let latest = self.ops.readiness.borrow().clone();
+        let readiness = match latest {
+            Some(readiness) => readiness,
+            None => readiness(&self.ops).await,
+        };
         let rates: Vec<RatePoint> = samples.rates.iter().cloned().collect();
         let mut overview = Overview {
             generated_at: now,

@@ -147,10 +147,11 @@ pub async fn refresh_readiness_gauge(
     while !shutdown.is_cancelled() {
         let readiness = readiness(&state).await;
         metrics::gauge!(relay::metrics::SERVICE_READY).set(if readiness.ready { 1.0 } else { 0.0 });
-        for dependency in readiness.dependencies {
-            metrics::gauge!(relay::metrics::SERVICE_DEPENDENCY_UP, "dependency" => dependency.name)
+        for dependency in &readiness.dependencies {
+            metrics::gauge!(relay::metrics::SERVICE_DEPENDENCY_UP, "dependency" => dependency.name.clone())
                 .set(if dependency.up { 1.0 } else { 0.0 });
         }
+        state.readiness.send_replace(Some(readiness));
         tokio::select! {
             () = shutdown.cancelled() => {}
             () = tokio::time::sleep(every) => {}
