@@ -29,6 +29,11 @@ pub async fn connect(config: &Config) -> Result<DatabaseConnection, DbErr> {
         .min_connections(if embedded { 1 } else { 2 })
         .connect_timeout(Duration::from_secs(5))
         .acquire_timeout(Duration::from_secs(10))
+        // sqlx pings a connection on every checkout by default: a round trip (and a wake-up of
+        // its backend) in front of every ingest batch and every relay and consumer transaction.
+        // Only a connection idle long enough to have been dropped by the server or a proxy is
+        // pinged; a broken hot connection fails its statement, which every caller retries.
+        .test_before_acquire_if_idle_for(Duration::from_secs(30))
         .sqlx_logging(false);
     Database::connect(options).await
 }
