@@ -11,8 +11,10 @@ pub struct Model {
     pub topic: String,
     /// Kafka message key: the contact id, so one contact's events stay in order.
     pub message_key: String,
-    #[sea_orm(column_type = "JsonBinary")]
-    pub payload: Json,
+    /// NULL on PostgreSQL: the relay publishes the event's stored payload. A copy here (rows from
+    /// before that, and SQLite, which keeps writing it) is published instead.
+    #[sea_orm(column_type = "JsonBinary", nullable)]
+    pub payload: Option<Json>,
     /// JSON object of Kafka header name to string value.
     #[sea_orm(column_type = "JsonBinary")]
     pub headers: Json,

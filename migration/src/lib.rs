@@ -8,6 +8,7 @@ mod m20261129_000003_create_contacts;
 mod m20261129_000004_consumer_partitions;
 mod m20261201_000005_outbox_published_index;
 mod m20261203_000006_outbox_republished_index;
+mod m20261203_000007_outbox_payload_optional;
 
 /// Every migration of the service, in order.
 pub struct Migrator;
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261129_000004_consumer_partitions::Migration),
             Box::new(m20261201_000005_outbox_published_index::Migration),
             Box::new(m20261203_000006_outbox_republished_index::Migration),
+            Box::new(m20261203_000007_outbox_payload_optional::Migration),
         ]
     }
 }

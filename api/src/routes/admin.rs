@@ -600,7 +600,7 @@ mod tests {
             event_id: "evt_1".into(),
             topic: "t.contact.updated".into(),
             message_key: "c1".into(),
-            payload: json!({}),
+            payload: None,
             headers: json!({}),
             created_at: at(0),
             published_at: Some(at(150)),

@@ -2,9 +2,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use entity::outbox;
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc::error::TrySendError;
+
+use crate::outbox::ClaimedRow;
 
 /// One message as the consumer sees it, whichever bus carried it.
 #[derive(Clone, Debug)]
@@ -16,8 +17,8 @@ pub struct BusMessage {
 }
 
 impl BusMessage {
-    /// The message an outbox row becomes.
-    pub fn from_outbox(row: &outbox::Model) -> Self {
+    /// The message a claimed outbox row becomes.
+    pub fn from_outbox(row: &ClaimedRow) -> Self {
         let headers = row
             .headers
             .as_object()
@@ -30,7 +31,7 @@ impl BusMessage {
         Self {
             topic: row.topic.clone(),
             key: row.message_key.clone(),
-            payload: serde_json::to_vec(&row.payload).unwrap_or_default(),
+            payload: row.payload.clone().into_bytes(),
             headers,
         }
     }

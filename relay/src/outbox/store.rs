@@ -49,7 +49,8 @@ pub async fn store_events<C: ConnectionTrait>(
     Ok(inserted)
 }
 
-/// The statement of `store_postgres`: $1 the batch document, $2 the time. `pg_notify` is
+/// The statement of `store_postgres`: $1 the batch document, $2 the time. The outbox rows carry
+/// no copy of the payload (the relay publishes the event's). `pg_notify` is
 /// volatile, so its CTE is evaluated once (not inlined), and only when a row was new; the
 /// notification is delivered at commit, like `NOTIFY`.
 static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
@@ -64,8 +65,8 @@ static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
            ON CONFLICT (event_id) DO NOTHING \
            RETURNING event_id), \
          new_rows AS (INSERT INTO outbox \
-           (event_id, topic, message_key, payload, headers, created_at, next_attempt_at) \
-           SELECT b.event_id, b.topic, b.contact_id, b.payload, b.headers, $2, $2 \
+           (event_id, topic, message_key, headers, created_at, next_attempt_at) \
+           SELECT b.event_id, b.topic, b.contact_id, b.headers, $2, $2 \
            FROM new_events n JOIN batch b ON b.event_id = n.event_id \
            ORDER BY b.event_id RETURNING event_id), \
          notified AS (SELECT pg_notify('{channel}', '') WHERE EXISTS (SELECT 1 FROM new_rows)) \
@@ -203,13 +204,17 @@ async fn insert_rows<C: ConnectionTrait>(
         O::CreatedAt,
         O::NextAttemptAt,
     ]);
+    // PostgreSQL rows carry no copy of the payload; SQLite's column cannot be made nullable
+    // without rebuilding the table, so the embedded mode keeps writing one.
+    let copy = conn.get_database_backend() != DatabaseBackend::Postgres;
     for event in events {
         let message = OutboxMessage::of(kafka, event);
+        let payload = copy.then(|| event.payload.clone());
         insert.values_panic([
             event.event_id.into(),
             message.topic.into(),
             message.key.into(),
-            message.payload.into(),
+            payload.into(),
             message.headers.into(),
             now.into(),
             now.into(),

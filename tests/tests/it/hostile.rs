@@ -54,7 +54,7 @@ async fn snapshot(app: &TestApp) -> Vec<String> {
     let mut rows = Vec::new();
     for sql in [
         "SELECT event_id, status, payload FROM webhook_events ORDER BY id",
-        "SELECT event_id, topic, payload FROM outbox ORDER BY id",
+        "SELECT event_id, topic, headers FROM outbox ORDER BY id",
     ] {
         for row in app
             .db
@@ -67,7 +67,7 @@ async fn snapshot(app: &TestApp) -> Vec<String> {
         {
             let event_id: String = row.try_get_by_index(0).expect("event_id");
             let second: String = row.try_get_by_index(1).expect("text column");
-            let payload: Value = row.try_get_by_index(2).expect("payload");
+            let payload: Value = row.try_get_by_index(2).expect("payload or headers");
             rows.push(format!("{event_id} {second} {payload}"));
         }
     }

@@ -7,7 +7,7 @@ use api::Roles;
 use relay::bus::BusMessage;
 use relay::consume::batch::{Apply, EventProcessor, Handled};
 use relay::consume::partitions::OffsetCommit;
-use sea_orm::{ConnectionTrait, EntityTrait};
+use sea_orm::{ConnectionTrait, EntityTrait, TransactionTrait};
 use serde_json::{Value, json};
 
 use crate::support::*;
@@ -160,12 +160,9 @@ async fn the_same_message_delivered_twice_changes_contacts_once() {
     let app = TestApp::http_only().await;
     let event = contact_event("contact.created", "evt_twice", "contact-twice", &at(1));
     assert_eq!(app.post_signed_json(&event).await.status(), 200);
-    let row = entity::outbox::Entity::find()
-        .one(&app.db)
-        .await
-        .expect("query")
-        .expect("outbox row");
-    let message = BusMessage::from_outbox(&row);
+    // No relay runs: the row is there to claim, as the relay would.
+    let rows = relay::outbox::claim(&app.db, 1).await.expect("claim");
+    let message = BusMessage::from_outbox(rows.first().expect("outbox row"));
     let processor = EventProcessor::new(app.db.clone());
 
     assert!(matches!(
@@ -209,16 +206,20 @@ async fn a_redelivered_kafka_message_is_skipped() {
     )
     .await;
 
-    // Publish the same message again, as a relay that died before marking its batch would.
-    let row = entity::outbox::Entity::find()
-        .one(&app.db)
+    // Publish the same message again, as a relay that died before marking its batch would: the
+    // row claimed as the relay claims it, in a transaction that un-marks it and is rolled back.
+    let txn = app.db.begin().await.expect("begin");
+    txn.execute_unprepared("UPDATE outbox SET published_at = NULL")
         .await
-        .expect("query")
-        .expect("outbox row");
+        .expect("unmark");
+    let rows = relay::outbox::claim(&txn, 1).await.expect("claim");
+    txn.rollback().await.expect("rollback");
     let publisher = relay::bus::KafkaPublisher::connect(&app.config.kafka)
         .await
         .expect("producer");
-    let results = publisher.publish(&[BusMessage::from_outbox(&row)]).await;
+    let results = publisher
+        .publish(&[BusMessage::from_outbox(rows.first().expect("outbox row"))])
+        .await;
     assert!(results.iter().all(Result::is_ok));
     // A later event of the same contact (same partition) proves the duplicate was consumed.
     let sentinel = contact_event("contact.updated", "evt_sentinel", "contact-dup", &at(2));
