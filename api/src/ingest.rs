@@ -161,7 +161,7 @@ impl WriterTask {
         match result {
             Ok(outcomes) => {
                 if outcomes.contains(&IngestOutcome::Accepted) {
-                    self.wakeup.notify_local();
+                    self.wakeup.committed(&self.db);
                 }
                 metrics::histogram!(names::INGEST_COMMIT_SECONDS)
                     .record(started.elapsed().as_secs_f64());
@@ -175,7 +175,7 @@ impl WriterTask {
                 for (event, reply) in batch {
                     let outcome = ingest_batch(&self.db, &self.kafka, &[&event]).await;
                     if matches!(outcome.as_deref(), Ok([IngestOutcome::Accepted])) {
-                        self.wakeup.notify_local();
+                        self.wakeup.committed(&self.db);
                     }
                     let _ = reply.send(
                         outcome

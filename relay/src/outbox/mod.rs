@@ -1,7 +1,8 @@
 //! The outbox: the `outbox` table and every statement on it.
 //!
 //! - `store`: rows written inside the caller's transaction, with the events at ingest
-//!   ([`store_events`]) or for a retry ([`enqueue`]), and the relays woken (NOTIFY at commit);
+//!   ([`store_events`], the writer then wakes the relays) or for a retry ([`enqueue`], NOTIFY at
+//!   commit);
 //! - `claim`: rows claimed and marked by the relay ([`claim`], [`mark_published`],
 //!   [`mark_failed`]);
 //! - `republish`: the safety net that publishes a pending event's row again

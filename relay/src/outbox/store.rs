@@ -1,5 +1,5 @@
-//! Writing outbox rows inside the caller's transaction: with their events at ingest, or alone
-//! for a retry; the relays are woken by a NOTIFY delivered at commit.
+//! Writing outbox rows inside the caller's transaction: with their events at ingest (the caller
+//! wakes the relays after the commit), or alone for a retry (a NOTIFY delivered at commit).
 use std::collections::HashSet;
 use std::sync::LazyLock;
 
@@ -14,14 +14,14 @@ use serde_json::Value;
 use super::{NewEvent, OutboxMessage};
 use crate::config::KafkaConfig;
 
-/// PostgreSQL channel the ingest transaction notifies on commit (the relays LISTEN on it).
+/// PostgreSQL channel the relays LISTEN on.
 pub const NOTIFY_CHANNEL: &str = "acme_webhooks_outbox";
 
 /// Inserts the events that are new (by `event_id`) as `pending`, each with its outbox row, on
-/// `conn`, and notifies the relays. Returns the ids that were new; a repeated id, in `events` or
-/// in the table, is not.
+/// `conn`. Returns the ids that were new; a repeated id, in `events` or in the table, is not.
+/// The caller wakes the relays once the rows are committed ([`crate::publish::OutboxWakeup`]).
 ///
-/// On PostgreSQL this is ONE statement, the notification included, so it is atomic on its own:
+/// On PostgreSQL this is ONE statement, so it is atomic on its own:
 /// `conn` may be the pool (the statement is then its own transaction, committed in the one
 /// round trip that runs it) or a transaction. Elsewhere it is several statements: pass a
 /// transaction.
@@ -42,17 +42,13 @@ pub async fn store_events<C: ConnectionTrait>(
     if conn.get_database_backend() == DatabaseBackend::Postgres {
         return store_postgres(conn, kafka, &unique).await;
     }
-    let inserted = store_portable(conn, kafka, &unique).await?;
-    if !inserted.is_empty() {
-        notify_relays(conn).await?;
-    }
-    Ok(inserted)
+    store_portable(conn, kafka, &unique).await
 }
 
 /// The statement of `store_postgres`: $1 the batch document, $2 the time. The outbox rows carry
-/// no copy of the payload (the relay publishes the event's). `pg_notify` is
-/// volatile, so its CTE is evaluated once (not inlined), and only when a row was new; the
-/// notification is delivered at commit, like `NOTIFY`.
+/// no copy of the payload (the relay publishes the event's). It does not NOTIFY: PostgreSQL
+/// serialises notifying commits, WAL flush included, so the caller wakes the relays after the
+/// commit ([`crate::publish::OutboxWakeup::committed`]).
 static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH batch AS (SELECT * FROM jsonb_to_recordset($1::jsonb) \
@@ -68,11 +64,9 @@ static BATCH_INSERT_SQL: LazyLock<String> = LazyLock::new(|| {
            (event_id, topic, message_key, headers, created_at, next_attempt_at) \
            SELECT b.event_id, b.topic, b.contact_id, b.headers, $2, $2 \
            FROM new_events n JOIN batch b ON b.event_id = n.event_id \
-           ORDER BY b.event_id RETURNING event_id), \
-         notified AS (SELECT pg_notify('{channel}', '') WHERE EXISTS (SELECT 1 FROM new_rows)) \
-         SELECT event_id FROM new_rows LEFT JOIN notified ON true",
+           ORDER BY b.event_id RETURNING event_id) \
+         SELECT event_id FROM new_rows",
         pending = EventStatus::Pending.as_str(),
-        channel = NOTIFY_CHANNEL,
     )
 });
 
@@ -89,7 +83,7 @@ struct BatchRow<'a> {
 
 /// PostgreSQL: ONE statement of a fixed shape, whatever the batch size, so every connection
 /// prepares and plans it once. The batch travels as one JSON document; each event that was new
-/// gets its outbox row from it on the server, and the relays are notified in the same statement. The one backend fork of the outbox (benchmarked:
+/// gets its outbox row from it on the server. The one backend fork of the outbox (benchmarked:
 /// see docs/benchmarks.md).
 async fn store_postgres<C: ConnectionTrait>(
     conn: &C,

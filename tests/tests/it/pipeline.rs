@@ -331,6 +331,32 @@ async fn two_relays_drain_one_outbox_without_losing_or_repeating_rows() {
     drop((first, second));
 }
 
+/// The relays are woken, not polled: with a poll interval of ten minutes, a committed row is
+/// published within seconds, by a relay in the writer's own process (the in-process signal) and
+/// by one in another process (the NOTIFY the writer sends after its commit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_wakes_the_relays_of_its_own_process_and_of_others() {
+    let url = fresh_database().await;
+    let mut config = test_config(&url);
+    config.kafka.brokers = Some(kafka_brokers());
+    config.relay.poll_interval_ms = 600_000;
+    let together = TestApp::start(config.clone(), INGEST_AND_RELAY).await;
+    let serve_only = TestApp::start(config.clone(), Roles::HTTP).await;
+    // Past the relay's first claim at start: from here on only a wake-up makes it look again.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let published = "SELECT COUNT(*) FROM outbox WHERE published_at IS NOT NULL";
+    let wake = Duration::from_secs(20);
+
+    let own = contact_event("contact.created", "evt-w-1", "contact-w-1", &at(0));
+    assert_eq!(together.post_signed_json(&own).await.status(), 200);
+    together.wait_for_count(published, 1, wake).await;
+
+    let other = contact_event("contact.created", "evt-w-2", "contact-w-2", &at(1));
+    assert_eq!(serve_only.post_signed_json(&other).await.status(), 200);
+    together.wait_for_count(published, 2, wake).await;
+    drop((serve_only, together));
+}
+
 /// With the broker down, rows stay unpublished (no delivery report, no mark) and go out once it
 /// is back; ingest keeps acknowledging meanwhile. The broker (SIGKILL, restarted with its log)
 /// then holds the messages from before and from the outage.
