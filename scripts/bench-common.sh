@@ -76,9 +76,8 @@ loadgen() { # name url args...
 }
 
 # pgbench with the service's per-event transaction (best of 4/8/16 clients): the durable
-# ceiling without batching. Sets best_pgbench; writes $OUT/pgbench.txt. The former form of that
-# transaction (NOTIFY inside it, the payload copied to the outbox row) is measured too, for
-# readings made before 2026-12-03: sets best_pgbench_notify; writes $OUT/pgbench-notify.txt.
+# ceiling without batching. Sets best_pgbench (and PGB_URL, PAYLOAD for `pgbench_best`); writes
+# $OUT/pgbench.txt.
 pgbench_ceiling() {
   PGB_URL=$(fresh_db acme_bench_pgbench)
   ACME_WEBHOOKS_DATABASE__URL=$PGB_URL "$BIN" migrate >/dev/null
@@ -91,7 +90,6 @@ pgbench_ceiling() {
 JSON
   )
   best_pgbench=$(pgbench_best bench/pgbench-per-event.sql "$OUT/pgbench.txt")
-  best_pgbench_notify=$(pgbench_best bench/pgbench-per-event-notify.sql "$OUT/pgbench-notify.txt")
 }
 
 pgbench_best() { # script results-file -> prints the best rate of 4/8/16 clients
