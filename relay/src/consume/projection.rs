@@ -6,6 +6,7 @@
 //! describes; an event below it changes nothing.
 //! A tombstone erases the personal fields and keeps only the contact id, when and by which event
 //! it was deleted, so it does not depend on which version happened to arrive before the delete.
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::LazyLock;
 
@@ -17,56 +18,58 @@ use serde_json::{Value, json};
 use crate::event::{ContactEvent, rfc3339_field};
 use crate::sql::placeholders;
 
-impl From<&ContactEvent> for ContactRow {
-    /// The `contacts` row `event` describes when it is the greatest of its contact.
-    fn from(event: &ContactEvent) -> Self {
+impl<'a> From<&'a ContactEvent> for ContactRow<'a> {
+    /// The `contacts` row `event` describes when it is the greatest of its contact, borrowing
+    /// from the event (a tombstone's `data` is the one value made anew).
+    fn from(event: &'a ContactEvent) -> Self {
         let data = event.data();
+        let deletion = event.is_deletion();
         let text = |field: &str| {
-            (!event.is_deletion())
+            (!deletion)
                 .then(|| data.get(field).and_then(Value::as_str))
                 .flatten()
-                .map(str::to_owned)
         };
         Self {
-            id: event.contact_id.clone(),
+            id: &event.contact_id,
             email: text("email"),
             first_name: text("firstName"),
             last_name: text("lastName"),
             phone: text("phone"),
             company: text("company"),
             title: text("title"),
-            data: if event.is_deletion() {
-                json!({ "id": event.contact_id })
+            data: if deletion {
+                Cow::Owned(json!({ "id": event.contact_id }))
             } else {
-                data.clone()
+                Cow::Borrowed(data)
             },
-            source_created_at: (!event.is_deletion())
+            source_created_at: (!deletion)
                 .then(|| rfc3339_field(data, "createdAt"))
                 .flatten(),
             source_updated_at: event.updated_at,
             event_timestamp: event.timestamp,
-            last_event_id: event.event_id.clone(),
-            deleted: event.is_deletion(),
-            deleted_at: event.is_deletion().then_some(event.timestamp),
+            last_event_id: &event.event_id,
+            deleted: deletion,
+            deleted_at: deletion.then_some(event.timestamp),
         }
     }
 }
 
-/// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`).
+/// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`),
+/// borrowed from the event it comes from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ContactRow {
-    pub id: String,
-    pub email: Option<String>,
-    pub first_name: Option<String>,
-    pub last_name: Option<String>,
-    pub phone: Option<String>,
-    pub company: Option<String>,
-    pub title: Option<String>,
-    pub data: Value,
+pub struct ContactRow<'a> {
+    pub id: &'a str,
+    pub email: Option<&'a str>,
+    pub first_name: Option<&'a str>,
+    pub last_name: Option<&'a str>,
+    pub phone: Option<&'a str>,
+    pub company: Option<&'a str>,
+    pub title: Option<&'a str>,
+    pub data: Cow<'a, Value>,
     pub source_created_at: Option<DateTime<Utc>>,
     pub source_updated_at: Option<DateTime<Utc>>,
     pub event_timestamp: DateTime<Utc>,
-    pub last_event_id: String,
+    pub last_event_id: &'a str,
     pub deleted: bool,
     pub deleted_at: Option<DateTime<Utc>>,
 }
@@ -126,7 +129,7 @@ pub async fn apply<C: ConnectionTrait>(
     conn: &C,
     changes: &[&ContactEvent],
 ) -> Result<BTreeSet<String>, DbErr> {
-    let rows: Vec<ContactRow> = greatest_per_contact(changes.iter().copied())
+    let rows: Vec<ContactRow<'_>> = greatest_per_contact(changes.iter().copied())
         .into_iter()
         .map(ContactRow::from)
         .collect();
@@ -228,7 +231,7 @@ struct DocumentRow<'a> {
 }
 
 /// The parameters of [`POSTGRES_UPSERT`].
-fn document_values(rows: &[ContactRow]) -> Result<Vec<SqlValue>, DbErr> {
+fn document_values(rows: &[ContactRow<'_>]) -> Result<Vec<SqlValue>, DbErr> {
     let mut instants: Vec<DateTime<Utc>> = Vec::with_capacity(rows.len() * 3);
     let mut index = |at: DateTime<Utc>| {
         instants.push(at);
@@ -237,18 +240,18 @@ fn document_values(rows: &[ContactRow]) -> Result<Vec<SqlValue>, DbErr> {
     let document: Vec<DocumentRow<'_>> = rows
         .iter()
         .map(|row| DocumentRow {
-            id: &row.id,
-            email: row.email.as_deref(),
-            first_name: row.first_name.as_deref(),
-            last_name: row.last_name.as_deref(),
-            phone: row.phone.as_deref(),
-            company: row.company.as_deref(),
-            title: row.title.as_deref(),
+            id: row.id,
+            email: row.email,
+            first_name: row.first_name,
+            last_name: row.last_name,
+            phone: row.phone,
+            company: row.company,
+            title: row.title,
             data: &row.data,
             source_created_at: row.source_created_at.map(&mut index),
             source_updated_at: row.source_updated_at.map(&mut index),
             event_timestamp: index(row.event_timestamp),
-            last_event_id: &row.last_event_id,
+            last_event_id: row.last_event_id,
             deleted: row.deleted,
             deleted_at: row.deleted_at.map(&mut index),
         })
@@ -259,7 +262,7 @@ fn document_values(rows: &[ContactRow]) -> Result<Vec<SqlValue>, DbErr> {
 
 /// Any other database (SQLite): the upsert over `VALUES` with one row of placeholders per
 /// contact, and its parameters.
-fn values_upsert(backend: DatabaseBackend, rows: Vec<ContactRow>) -> (String, Vec<SqlValue>) {
+fn values_upsert(backend: DatabaseBackend, rows: Vec<ContactRow<'_>>) -> (String, Vec<SqlValue>) {
     let now = Utc::now();
     let width = COLUMNS.len() + 1;
     let mut values: Vec<SqlValue> = Vec::with_capacity(rows.len() * width);
@@ -274,7 +277,7 @@ fn values_upsert(backend: DatabaseBackend, rows: Vec<ContactRow>) -> (String, Ve
             row.phone.into(),
             row.company.into(),
             row.title.into(),
-            row.data.into(),
+            row.data.into_owned().into(),
             row.source_created_at.into(),
             row.source_updated_at.into(),
             row.event_timestamp.into(),
@@ -321,10 +324,11 @@ mod tests {
 
     #[test]
     fn a_tombstone_keeps_no_personal_field() {
-        let row = ContactRow::from(&change("contact.deleted", "e9", None, 5));
+        let deleted = change("contact.deleted", "e9", None, 5);
+        let row = ContactRow::from(&deleted);
         assert!(row.deleted);
         assert_eq!(row.email, None);
-        assert_eq!(row.data, json!({ "id": "c1" }));
+        assert_eq!(*row.data, json!({ "id": "c1" }));
         assert_eq!(row.deleted_at, Some(row.event_timestamp));
     }
 }

@@ -146,13 +146,13 @@ async fn any_order_duplication_and_batching_of_a_contacts_events_gives_the_same_
                     .expect("the contact exists");
                 let expected = ContactRow::from(greatest_per_contact(&changes)[0]);
                 let expected: Projected = (
-                    expected.email,
-                    expected.last_name,
-                    expected.data,
+                    expected.email.map(str::to_owned),
+                    expected.last_name.map(str::to_owned),
+                    expected.data.into_owned(),
                     expected.source_created_at,
                     expected.source_updated_at,
                     expected.event_timestamp,
-                    expected.last_event_id,
+                    expected.last_event_id.to_owned(),
                     expected.deleted,
                     expected.deleted_at,
                 );
