@@ -175,6 +175,51 @@ async fn unstorable_strings_are_400_naming_the_field_in_both_modes() {
     assert_eq!(answers[0], answers[1], "PostgreSQL and SQLite answer alike");
 }
 
+/// Numbers are stored as read, not as sent: `1e-20000` is JSON and reads as 0, but PostgreSQL's
+/// `numeric` cannot hold it as written, so a copy of the sender's text would be an event
+/// answered 200 that the store refuses. Both modes store the same values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_are_stored_as_read_in_both_modes() {
+    let body = contact_event("contact.created", "evt_num", "c4", "2025-05-19T00:00:00Z")
+        .to_string()
+        .replacen(
+            r#""data":{"#,
+            r#""data":{"tiny":1e-20000,"huge":1.5e300,"exact":-2.5253317714948458e-219,"max":18446744073709551615,"#,
+            1,
+        );
+    let mut stored = Vec::new();
+    for sqlite in [false, true] {
+        let app = app_with(|_| {}, sqlite).await;
+        assert_eq!(
+            app.post_signed(&body).await.status(),
+            200,
+            "sqlite: {sqlite}"
+        );
+        let row = app
+            .db
+            .query_one_raw(Statement::from_string(
+                app.db.get_database_backend(),
+                "SELECT payload FROM webhook_events WHERE event_id = 'evt_num'".to_owned(),
+            ))
+            .await
+            .expect("query")
+            .expect("the event is stored");
+        let payload: Value = row.try_get_by_index(0).expect("payload");
+        let data = &payload["data"];
+        assert_eq!(data["tiny"].as_f64(), Some(0.0), "sqlite: {sqlite}: {data}");
+        assert_eq!(data["huge"].as_f64(), Some(1.5e300), "sqlite: {sqlite}");
+        assert_eq!(
+            data["exact"].as_f64(),
+            Some(-2.5253317714948458e-219),
+            "sqlite: {sqlite}"
+        );
+        assert_eq!(data["max"].as_u64(), Some(u64::MAX), "sqlite: {sqlite}");
+        assert_eq!(data["email"], "c4@example.com", "sqlite: {sqlite}: {data}");
+        stored.push(payload);
+    }
+    assert_eq!(stored[0], stored[1], "PostgreSQL and SQLite store alike");
+}
+
 /// What is stored is what was signed: a repeated key, at any depth, is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_keys_are_400_and_nothing_is_stored() {
