@@ -16,6 +16,7 @@ pub mod raw_body;
 pub mod routes;
 pub mod schema;
 pub mod signature;
+pub mod strict_json;
 pub mod telemetry;
 pub mod timestamp;
 pub mod validation;

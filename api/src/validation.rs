@@ -1,14 +1,27 @@
-//! Validation of the webhook body: the contact event reader the consumer uses too
-//! ([`relay::event::ContactEvent::read`]): one strict pass over the bytes (duplicate keys and NUL
-//! characters anywhere), then the field checks. Every offending field is reported, not just the
-//! first.
+//! Validation of the webhook body: the strict JSON reading (duplicate keys, NUL characters),
+//! then the contact event parser the consumer uses too ([`relay::event::ContactEvent`]). Every
+//! offending field is reported, not just the first.
 use chrono::{DateTime, Datelike, Utc};
 use relay::event::MAX_ID_LEN;
-pub use relay::event::{ContactEvent, FieldError, ReadError as ValidationError};
+pub use relay::event::{ContactEvent, FieldError};
+
+use crate::strict_json::{StrictJson, parse_strict};
+
+/// Why a body was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValidationError {
+    /// Not JSON at all; the parser's position message.
+    Json(String),
+    /// JSON, but not a valid contact event.
+    Fields(Vec<FieldError>),
+}
 
 /// Parses and validates a webhook body.
+/// Duplicate keys and NUL characters anywhere are reported along with the field checks.
 pub fn validate_event(body: &[u8]) -> Result<ContactEvent, ValidationError> {
-    ContactEvent::read(body)
+    let StrictJson { value, problems } =
+        parse_strict(body).map_err(|e| ValidationError::Json(e.to_string()))?;
+    ContactEvent::parse_after(value, problems).map_err(ValidationError::Fields)
 }
 
 /// Whether `id` could be a stored event or contact id: what validation accepts and the store can
@@ -69,10 +82,7 @@ mod tests {
         assert_eq!(event.event_id, "evt_123456789");
         assert_eq!(event.event_type, EventType::Created);
         assert_eq!(event.contact_id, "c8b5f7d9-8e7a-4a1d-9b5c-1d2e3f4a5b6c");
-        let payload: Value = serde_json::from_str(event.payload.get()).expect("JSON");
-        assert_eq!(payload, body);
-        let data: Value = serde_json::from_str(event.data.get()).expect("JSON");
-        assert_eq!(data, body["data"]);
+        assert_eq!(event.payload["data"]["favouriteColour"], "teal");
     }
 
     #[test]
@@ -213,7 +223,7 @@ mod tests {
         use proptest::prelude::*;
 
         use super::*;
-        use relay::event::strict::{Shape, read};
+        use crate::strict_json::parse_strict;
 
         /// Any JSON value, with strings and keys drawn from all of Unicode (NUL included).
         fn json_value() -> impl Strategy<Value = Value> {
@@ -277,8 +287,7 @@ mod tests {
             #[test]
             fn mangled_events_never_panic_and_what_passes_is_storable(body in mangled_event()) {
                 if let Ok(event) = validate_event(&body) {
-                    let payload: Value = serde_json::from_str(event.payload.get()).expect("JSON");
-                    prop_assert!(no_nul_anywhere(&payload));
+                    prop_assert!(no_nul_anywhere(&event.payload));
                     prop_assert!(is_storable_id(&event.event_id));
                     prop_assert!(is_storable_id(&event.contact_id));
                 }
@@ -287,9 +296,8 @@ mod tests {
             #[test]
             fn strict_reading_keeps_every_value_and_flags_every_nul(value in json_value()) {
                 let text = value.to_string();
-                let read = read(text.as_bytes(), &Shape::NOTHING).expect("serde_json's output is JSON");
-                let written: Value = serde_json::from_str(&read.payload).expect("JSON");
-                prop_assert_eq!(&written, &value);
+                let read = parse_strict(text.as_bytes()).expect("serde_json's output is JSON");
+                prop_assert_eq!(&read.value, &value);
                 prop_assert_eq!(read.problems.is_empty(), no_nul_anywhere(&value));
             }
 
@@ -300,8 +308,7 @@ mod tests {
                     "data": data,
                 });
                 if let Ok(event) = validate_event(body.to_string().as_bytes()) {
-                    let payload: Value = serde_json::from_str(event.payload.get()).expect("JSON");
-                    prop_assert!(no_nul_anywhere(&payload));
+                    prop_assert!(no_nul_anywhere(&event.payload));
                     prop_assert!(is_storable_id(&event.event_id));
                 }
             }

@@ -12,7 +12,7 @@ use super::error::{BatchError, ErrorClass, Unappliable};
 use super::partitions::OffsetCommit;
 use super::projection::{self, Applied};
 use crate::bus::BusMessage;
-use crate::event::{ContactEvent, HEADER_EVENT_ID, ReadError};
+use crate::event::{ContactEvent, HEADER_EVENT_ID};
 use crate::webhook_events;
 
 /// What handling a message did.
@@ -69,10 +69,6 @@ pub struct EventProcessor {
 }
 
 /// A message as read: a change to apply, or why it cannot be applied.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a batch's messages are read into one Vec: boxing would allocate once per message"
-)]
 enum Parsed {
     Change(ContactEvent),
     Unappliable {
@@ -82,27 +78,28 @@ enum Parsed {
 }
 
 fn parse(message: &BusMessage) -> Parsed {
+    let payload: Value = match serde_json::from_slice(&message.payload) {
+        Ok(payload) => payload,
+        Err(error) => {
+            return Parsed::Unappliable {
+                event_id: message.header(HEADER_EVENT_ID).map(str::to_owned),
+                reason: Unappliable::NotJson(error.to_string()),
+            };
+        }
+    };
     let header_id = message.header(HEADER_EVENT_ID);
-    match ContactEvent::read(&message.payload) {
+    // The payload's own id names the event when the header is missing and the payload fails.
+    let payload_id = header_id
+        .is_none()
+        .then(|| payload.get("id").and_then(Value::as_str).map(str::to_owned))
+        .flatten();
+    match ContactEvent::parse_stored(payload) {
         Ok(change) => Parsed::Change(change),
-        Err(ReadError::Json(error)) => Parsed::Unappliable {
-            event_id: header_id.map(str::to_owned),
-            reason: Unappliable::NotJson(error),
-        },
-        Err(error) => Parsed::Unappliable {
-            // The payload's own id names the event when the header is missing.
-            event_id: header_id
-                .map(str::to_owned)
-                .or_else(|| payload_id(&message.payload)),
-            reason: Unappliable::Payload(error.describe()),
+        Err(fields) => Parsed::Unappliable {
+            event_id: header_id.map(str::to_owned).or(payload_id),
+            reason: Unappliable::Payload(fields),
         },
     }
-}
-
-/// The `id` of a JSON payload, if it is a string: read again only for a message that failed.
-fn payload_id(payload: &[u8]) -> Option<String> {
-    let payload: Value = serde_json::from_slice(payload).ok()?;
-    payload.get("id")?.as_str().map(str::to_owned)
 }
 
 impl EventProcessor {

@@ -13,31 +13,38 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use sea_orm::{ConnectionTrait, DatabaseBackend, DbErr, Statement, Value as SqlValue};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{Value, json};
 
-use crate::event::{ContactEvent, Json};
+use crate::event::{ContactEvent, rfc3339_field};
 use crate::sql::placeholders;
 
 impl<'a> From<&'a ContactEvent> for ContactRow<'a> {
     /// The `contacts` row `event` describes when it is the greatest of its contact, borrowing
     /// from the event (a tombstone's `data` is the one value made anew).
     fn from(event: &'a ContactEvent) -> Self {
+        let data = event.data();
         let deletion = event.is_deletion();
-        let contact = event.contact.as_ref().filter(|_| !deletion);
+        let text = |field: &str| {
+            (!deletion)
+                .then(|| data.get(field).and_then(Value::as_str))
+                .flatten()
+        };
         Self {
             id: &event.contact_id,
-            email: contact.map(|c| c.email.as_str()),
-            first_name: contact.map(|c| c.first_name.as_str()),
-            last_name: contact.map(|c| c.last_name.as_str()),
-            phone: contact.and_then(|c| c.phone.as_deref()),
-            company: contact.and_then(|c| c.company.as_deref()),
-            title: contact.and_then(|c| c.title.as_deref()),
+            email: text("email"),
+            first_name: text("firstName"),
+            last_name: text("lastName"),
+            phone: text("phone"),
+            company: text("company"),
+            title: text("title"),
             data: if deletion {
-                Json::Value(Cow::Owned(json!({ "id": event.contact_id })))
+                Cow::Owned(json!({ "id": event.contact_id }))
             } else {
-                Json::Text(&event.data)
+                Cow::Borrowed(data)
             },
-            source_created_at: contact.map(|c| c.created_at),
+            source_created_at: (!deletion)
+                .then(|| rfc3339_field(data, "createdAt"))
+                .flatten(),
             source_updated_at: event.updated_at,
             event_timestamp: event.timestamp,
             last_event_id: &event.event_id,
@@ -49,7 +56,7 @@ impl<'a> From<&'a ContactEvent> for ContactRow<'a> {
 
 /// A `contacts` row as the projection writes it (without the bookkeeping `updated_at`),
 /// borrowed from the event it comes from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContactRow<'a> {
     pub id: &'a str,
     pub email: Option<&'a str>,
@@ -58,7 +65,7 @@ pub struct ContactRow<'a> {
     pub phone: Option<&'a str>,
     pub company: Option<&'a str>,
     pub title: Option<&'a str>,
-    pub data: Json<'a>,
+    pub data: Cow<'a, Value>,
     pub source_created_at: Option<DateTime<Utc>>,
     pub source_updated_at: Option<DateTime<Utc>>,
     pub event_timestamp: DateTime<Utc>,
@@ -132,7 +139,7 @@ pub async fn apply<C: ConnectionTrait>(
     let backend = conn.get_database_backend();
     let (sql, values) = match backend {
         DatabaseBackend::Postgres => (POSTGRES_UPSERT.clone(), document_values(&rows)?),
-        _ => values_upsert(backend, rows)?,
+        _ => values_upsert(backend, rows),
     };
     let changed = conn
         .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
@@ -214,7 +221,7 @@ struct DocumentRow<'a> {
     phone: Option<&'a str>,
     company: Option<&'a str>,
     title: Option<&'a str>,
-    data: &'a Json<'a>,
+    data: &'a Value,
     source_created_at: Option<usize>,
     source_updated_at: Option<usize>,
     event_timestamp: usize,
@@ -255,10 +262,7 @@ fn document_values(rows: &[ContactRow<'_>]) -> Result<Vec<SqlValue>, DbErr> {
 
 /// Any other database (SQLite): the upsert over `VALUES` with one row of placeholders per
 /// contact, and its parameters.
-fn values_upsert(
-    backend: DatabaseBackend,
-    rows: Vec<ContactRow<'_>>,
-) -> Result<(String, Vec<SqlValue>), DbErr> {
+fn values_upsert(backend: DatabaseBackend, rows: Vec<ContactRow<'_>>) -> (String, Vec<SqlValue>) {
     let now = Utc::now();
     let width = COLUMNS.len() + 1;
     let mut values: Vec<SqlValue> = Vec::with_capacity(rows.len() * width);
@@ -273,10 +277,7 @@ fn values_upsert(
             row.phone.into(),
             row.company.into(),
             row.title.into(),
-            row.data
-                .to_value()
-                .map_err(|e| DbErr::Custom(e.to_string()))?
-                .into(),
+            row.data.into_owned().into(),
             row.source_created_at.into(),
             row.source_updated_at.into(),
             row.event_timestamp.into(),
@@ -287,7 +288,7 @@ fn values_upsert(
         ]);
     }
     let source = format!("VALUES {}", tuples.join(", "));
-    Ok((upsert_sql(backend, &source), values))
+    (upsert_sql(backend, &source), values)
 }
 
 #[cfg(test)]
@@ -303,8 +304,10 @@ mod tests {
         if let Some(m) = updated_minute {
             data["updatedAt"] = json!(at(m));
         }
-        let body = json!({ "id": id, "event": event, "timestamp": at(ts_minute), "data": data });
-        ContactEvent::read(body.to_string().as_bytes()).expect("valid")
+        ContactEvent::parse_stored(json!({
+            "id": id, "event": event, "timestamp": at(ts_minute), "data": data,
+        }))
+        .expect("valid")
     }
 
     #[test]
@@ -325,7 +328,7 @@ mod tests {
         let row = ContactRow::from(&deleted);
         assert!(row.deleted);
         assert_eq!(row.email, None);
-        assert_eq!(row.data.to_value().expect("JSON"), json!({ "id": "c1" }));
+        assert_eq!(*row.data, json!({ "id": "c1" }));
         assert_eq!(row.deleted_at, Some(row.event_timestamp));
     }
 }

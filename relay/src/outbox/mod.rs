@@ -24,8 +24,6 @@ pub use prune::prune_published;
 pub use republish::{REPUBLISH_MAX_INTERVAL, republish_pending, republish_wait};
 pub use store::{NOTIFY_CHANNEL, enqueue, store_events};
 
-use std::borrow::Cow;
-
 use entity::outbox::Column as O;
 use entity::{EventType, outbox, webhook_event};
 use sea_orm::{ColumnTrait, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder};
@@ -33,15 +31,15 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::KafkaConfig;
-use crate::event::{ContactEvent, HEADER_EVENT_ID, HEADER_EVENT_TYPE, Json};
+use crate::event::{ContactEvent, HEADER_EVENT_ID, HEADER_EVENT_TYPE};
 
 /// An event to store or re-queue, as the outbox needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct NewEvent<'a> {
     pub event_id: &'a str,
     pub event_type: EventType,
     pub contact_id: &'a str,
-    pub payload: Json<'a>,
+    pub payload: &'a Value,
 }
 
 impl<'a> From<&'a ContactEvent> for NewEvent<'a> {
@@ -50,7 +48,7 @@ impl<'a> From<&'a ContactEvent> for NewEvent<'a> {
             event_id: &e.event_id,
             event_type: e.event_type,
             contact_id: &e.contact_id,
-            payload: Json::Text(&e.payload),
+            payload: &e.payload,
         }
     }
 }
@@ -61,7 +59,7 @@ impl<'a> From<&'a webhook_event::Model> for NewEvent<'a> {
             event_id: &e.event_id,
             event_type: e.event_type,
             contact_id: &e.contact_id,
-            payload: Json::Value(Cow::Borrowed(&e.payload)),
+            payload: &e.payload,
         }
     }
 }
@@ -126,7 +124,7 @@ mod tests {
                 event_id: "evt_1",
                 event_type: EventType::Deleted,
                 contact_id: "c1",
-                payload: Json::Value(Cow::Borrowed(&payload)),
+                payload: &payload,
             },
         );
         assert_eq!(message.topic, "acme.contact.deleted");
@@ -157,7 +155,7 @@ mod tests {
             event_id,
             event_type: EventType::Updated,
             contact_id: "c1",
-            payload: Json::Value(Cow::Borrowed(&payload)),
+            payload: &payload,
         };
         let txn = db.begin().await.expect("begin");
         let new = store_events(

@@ -13,7 +13,6 @@ use serde_json::Value;
 
 use super::{NewEvent, OutboxMessage};
 use crate::config::KafkaConfig;
-use crate::event::Json;
 
 /// PostgreSQL channel the relays LISTEN on.
 pub const NOTIFY_CHANNEL: &str = "acme_webhooks_outbox";
@@ -77,7 +76,7 @@ struct BatchRow<'a> {
     event_id: &'a str,
     event_type: &'static str,
     contact_id: &'a str,
-    payload: &'a Json<'a>,
+    payload: &'a Value,
     topic: String,
     headers: Value,
 }
@@ -99,13 +98,13 @@ async fn store_postgres<C: ConnectionTrait>(
                 event_id: e.event_id,
                 event_type: e.event_type.as_str(),
                 contact_id: e.contact_id,
-                payload: &e.payload,
+                payload: e.payload,
                 topic: message.topic,
                 headers: message.headers,
             }
         })
         .collect();
-    let batch = serde_json::to_string(&rows).map_err(json_error)?;
+    let batch = serde_json::to_string(&rows).map_err(|e| DbErr::Custom(e.to_string()))?;
     conn.query_all_raw(Statement::from_sql_and_values(
         DatabaseBackend::Postgres,
         BATCH_INSERT_SQL.as_str(),
@@ -145,7 +144,7 @@ async fn store_portable<C: ConnectionTrait>(
             e.event_id.into(),
             e.event_type.as_str().into(),
             e.contact_id.into(),
-            e.payload.to_value().map_err(json_error)?.into(),
+            e.payload.clone().into(),
             EventStatus::Pending.as_str().into(),
             now.into(),
             now.into(),
@@ -160,7 +159,7 @@ async fn store_portable<C: ConnectionTrait>(
     let new: Vec<NewEvent<'_>> = events
         .iter()
         .filter(|e| inserted.contains(e.event_id))
-        .map(|e| (*e).clone())
+        .map(|e| **e)
         .collect();
     insert_rows(conn, kafka, &new).await?;
     Ok(inserted)
@@ -204,10 +203,7 @@ async fn insert_rows<C: ConnectionTrait>(
     let copy = conn.get_database_backend() != DatabaseBackend::Postgres;
     for event in events {
         let message = OutboxMessage::of(kafka, event);
-        let payload = copy
-            .then(|| event.payload.to_value())
-            .transpose()
-            .map_err(json_error)?;
+        let payload = copy.then(|| event.payload.clone());
         insert.values_panic([
             event.event_id.into(),
             message.topic.into(),
@@ -232,8 +228,4 @@ async fn notify_relays<C: ConnectionTrait>(conn: &C) -> Result<(), DbErr> {
         .await?;
     }
     Ok(())
-}
-
-fn json_error(error: serde_json::Error) -> DbErr {
-    DbErr::Custom(error.to_string())
 }

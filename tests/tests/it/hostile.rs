@@ -175,16 +175,20 @@ async fn unstorable_strings_are_400_naming_the_field_in_both_modes() {
     assert_eq!(answers[0], answers[1], "PostgreSQL and SQLite answer alike");
 }
 
-/// Numbers are stored as read, not as sent: `1e-20000` is JSON and reads as 0, but PostgreSQL's
-/// `numeric` cannot hold it as written, so a copy of the sender's text would be an event
-/// answered 200 that the store refuses. Both modes store the same values.
+/// Numbers are stored as read, not as sent: `1e-20000` and `1.` with 17,000 zeros are JSON and
+/// read as 0 and 1, but PostgreSQL's `numeric` cannot hold them as written, so a copy of the
+/// sender's text would be an event answered 200 that the store refuses. Both modes store the
+/// same values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbers_are_stored_as_read_in_both_modes() {
     let body = contact_event("contact.created", "evt_num", "c4", "2025-05-19T00:00:00Z")
         .to_string()
         .replacen(
             r#""data":{"#,
-            r#""data":{"tiny":1e-20000,"huge":1.5e300,"exact":-2.5253317714948458e-219,"max":18446744073709551615,"#,
+            &format!(
+                r#""data":{{"tiny":1e-20000,"long":1.{},"huge":1.5e300,"exact":-2.5253317714948458e-219,"max":18446744073709551615,"#,
+                "0".repeat(17_000)
+            ),
             1,
         );
     let mut stored = Vec::new();
@@ -207,6 +211,7 @@ async fn numbers_are_stored_as_read_in_both_modes() {
         let payload: Value = row.try_get_by_index(0).expect("payload");
         let data = &payload["data"];
         assert_eq!(data["tiny"].as_f64(), Some(0.0), "sqlite: {sqlite}: {data}");
+        assert_eq!(data["long"].as_f64(), Some(1.0), "sqlite: {sqlite}");
         assert_eq!(data["huge"].as_f64(), Some(1.5e300), "sqlite: {sqlite}");
         assert_eq!(
             data["exact"].as_f64(),

@@ -1,17 +1,8 @@
-//! The AcmeCRM contact event: ONE reader, used by the webhook's validation (every offending
+//! The AcmeCRM contact event: ONE parser, used by the webhook's validation (every offending
 //! field reported, 400) and by the consumer (an event it cannot read is dead-lettered), so an
-//! event answered 200 is always one the consumer can apply. It reads the bytes in one pass
-//! ([`strict`]) and checks the fields it kept.
-use std::borrow::Cow;
-
+//! event answered 200 is always one the consumer can apply.
 use chrono::{DateTime, Datelike, Utc};
-use serde::Serialize;
-use serde_json::Value;
-use serde_json::value::RawValue;
-
-use strict::{Field, Members, Shape};
-
-pub mod strict;
+use serde_json::{Map, Value};
 
 pub use entity::{EventStatus, EventType};
 
@@ -50,57 +41,9 @@ impl FieldError {
     }
 }
 
-/// Why a body is not a contact event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadError {
-    /// Not JSON at all; the parser's position message.
-    Json(String),
-    /// JSON, but not a valid contact event: every offending field.
-    Fields(Vec<FieldError>),
-}
-
-impl ReadError {
-    /// The reasons on one line (the consumer's record of a message it cannot apply).
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Json(message) => message.clone(),
-            Self::Fields(errors) => {
-                let fields: Vec<String> = errors
-                    .iter()
-                    .map(|e| format!("{} {}", e.field, e.message))
-                    .collect();
-                fields.join("; ")
-            }
-        }
-    }
-}
-
-/// What the reader keeps of a body: the event's own fields.
-const EVENT_SHAPE: Shape = Shape {
-    members: &[
-        ("event", None),
-        ("id", None),
-        ("timestamp", None),
-        ("data", Some(&DATA_SHAPE)),
-    ],
-};
-
-const DATA_SHAPE: Shape = Shape {
-    members: &[
-        ("id", None),
-        ("email", None),
-        ("firstName", None),
-        ("lastName", None),
-        ("createdAt", None),
-        ("updatedAt", None),
-        ("phone", None),
-        ("company", None),
-        ("title", None),
-    ],
-};
-
-/// A contact event that passed every check.
-#[derive(Debug, Clone)]
+/// A contact event that passed every check; `payload` is the body as received, unknown fields
+/// included.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ContactEvent {
     pub event_id: String,
     pub event_type: EventType,
@@ -110,41 +53,26 @@ pub struct ContactEvent {
     pub contact_id: String,
     /// `data.updatedAt`: required for created/updated, optional for a deletion.
     pub updated_at: Option<DateTime<Utc>>,
-    /// The contact's fields; `None` for a deletion, which needs only the id.
-    pub contact: Option<Contact>,
-    /// The body as compact JSON, unknown fields included ([`strict`] says how it is written).
-    pub payload: Box<RawValue>,
-    /// `data` as compact JSON.
-    pub data: Box<RawValue>,
-}
-
-/// The fields of a created or updated contact.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Contact {
-    pub email: String,
-    pub first_name: String,
-    pub last_name: String,
-    pub phone: Option<String>,
-    pub company: Option<String>,
-    pub title: Option<String>,
-    pub created_at: DateTime<Utc>,
+    pub payload: Value,
 }
 
 impl ContactEvent {
-    /// Reads and checks a body; on failure, every offending field (duplicate keys and NUL
-    /// characters anywhere first, in document order, then the field checks).
-    pub fn read(body: &[u8]) -> Result<Self, ReadError> {
-        let strict::Read {
-            payload,
-            root,
-            problems: mut errors,
-        } = strict::read(body, &EVENT_SHAPE).map_err(|e| ReadError::Json(e.to_string()))?;
-        let Field::Object(root, _) = root else {
+    /// Reads and checks a payload; on failure, every offending field.
+    pub fn parse(payload: Value) -> Result<Self, Vec<FieldError>> {
+        Self::parse_after(payload, Vec::new())
+    }
+
+    /// [`Self::parse`], after `problems` a reader found earlier (listed first).
+    pub fn parse_after(
+        payload: Value,
+        mut errors: Vec<FieldError>,
+    ) -> Result<Self, Vec<FieldError>> {
+        let Some(root) = payload.as_object() else {
             errors.push(FieldError::new("$", "must be a JSON object"));
-            return Err(ReadError::Fields(errors));
+            return Err(errors);
         };
         let event_type = match root.get("event") {
-            None | Some(Field::Null) => {
+            None | Some(Value::Null) => {
                 errors.push(FieldError::new("event", "is required"));
                 None
             }
@@ -159,13 +87,11 @@ impl ContactEvent {
                 parsed
             }
         };
-        let event_id = required_id(&root, "id", "id", &mut errors);
-        let timestamp = required_time(&root, "timestamp", "timestamp", &mut errors);
+        let event_id = required_id(root, "id", "id", &mut errors);
+        let timestamp = required_time(root, "timestamp", "timestamp", &mut errors);
         let data = match root.get("data") {
-            Some(Field::Object(data, span)) => {
-                Some((check_data(data, event_type, &mut errors), span.clone()))
-            }
-            None | Some(Field::Null) => {
+            Some(Value::Object(data)) => Some(check_data(data, event_type, &mut errors)),
+            None | Some(Value::Null) => {
                 errors.push(FieldError::new("data", "is required"));
                 None
             }
@@ -179,24 +105,33 @@ impl ContactEvent {
                 Some(event_type),
                 Some(event_id),
                 Some(timestamp),
-                Some(((Some(contact_id), updated_at, contact), span)),
-            ) if errors.is_empty() => {
-                let raw = |text: String| {
-                    RawValue::from_string(text).map_err(|e| ReadError::Json(e.to_string()))
-                };
-                Ok(Self {
-                    event_id,
-                    event_type,
-                    timestamp,
-                    contact_id,
-                    updated_at,
-                    contact,
-                    data: raw(payload[span].to_owned())?,
-                    payload: raw(payload)?,
-                })
-            }
-            _ => Err(ReadError::Fields(errors)),
+                Some((Some(contact_id), updated_at)),
+            ) if errors.is_empty() => Ok(Self {
+                event_id,
+                event_type,
+                timestamp,
+                contact_id,
+                updated_at,
+                payload,
+            }),
+            _ => Err(errors),
         }
+    }
+
+    /// Reads a stored payload (the consumer's side): [`Self::parse`], its errors as one line.
+    pub fn parse_stored(payload: Value) -> Result<Self, String> {
+        Self::parse(payload).map_err(|errors| {
+            let fields: Vec<String> = errors
+                .iter()
+                .map(|e| format!("{} {}", e.field, e.message))
+                .collect();
+            fields.join("; ")
+        })
+    }
+
+    /// The `data` object.
+    pub fn data(&self) -> &Value {
+        self.payload.get("data").unwrap_or(&Value::Null)
     }
 
     pub fn is_deletion(&self) -> bool {
@@ -219,76 +154,52 @@ impl ContactEvent {
 /// The place of an event in its contact's total order (compared field by field).
 pub type Version = (bool, DateTime<Utc>, DateTime<Utc>, String);
 
-/// JSON on its way to a store: text a reader wrote (sent as it is), or a value.
-#[derive(Debug, Clone, Serialize)]
-#[serde(untagged)]
-pub enum Json<'a> {
-    Text(&'a RawValue),
-    Value(Cow<'a, Value>),
-}
-
-impl Json<'_> {
-    /// As a value, for a store whose driver binds one (SQLite).
-    pub fn to_value(&self) -> Result<Value, serde_json::Error> {
-        match self {
-            Self::Text(text) => serde_json::from_str(text.get()),
-            Self::Value(value) => Ok(value.as_ref().clone()),
-        }
-    }
-}
-
-/// Checks `data` for the event type; returns the contact id (when valid), `updatedAt` and,
-/// for a creation or an update, the contact's fields.
+/// Checks `data` for the event type; returns the contact id (when valid) and `updatedAt`.
 fn check_data(
-    data: &Members<'_>,
+    data: &Map<String, Value>,
     event_type: Option<EventType>,
     errors: &mut Vec<FieldError>,
-) -> (Option<String>, Option<DateTime<Utc>>, Option<Contact>) {
+) -> (Option<String>, Option<DateTime<Utc>>) {
     let contact_id = required_id(data, "id", "data.id", errors);
+    let mut updated_at = None;
     match event_type {
         Some(EventType::Created | EventType::Updated) => {
-            let email = required_string(data, "email", "data.email", errors);
-            if email.is_some_and(|email| !is_valid_email(email)) {
-                errors.push(FieldError::new(
-                    "data.email",
-                    "must be a valid email address",
-                ));
-            }
-            let first_name = required_string(data, "firstName", "data.firstName", errors);
-            let last_name = required_string(data, "lastName", "data.lastName", errors);
-            let created_at = required_time(data, "createdAt", "data.createdAt", errors);
-            let updated_at = required_time(data, "updatedAt", "data.updatedAt", errors);
-            let [phone, company, title] =
-                ["phone", "company", "title"].map(|field| optional_string(data, field, errors));
-            let contact = match (email, first_name, last_name, created_at) {
-                (Some(email), Some(first_name), Some(last_name), Some(created_at)) => {
-                    Some(Contact {
-                        email: email.to_owned(),
-                        first_name: first_name.to_owned(),
-                        last_name: last_name.to_owned(),
-                        phone,
-                        company,
-                        title,
-                        created_at,
-                    })
+            match required_string(data, "email", "data.email", errors) {
+                Some(email) if !is_valid_email(email) => {
+                    errors.push(FieldError::new(
+                        "data.email",
+                        "must be a valid email address",
+                    ));
                 }
-                _ => None,
-            };
-            (contact_id, updated_at, contact)
+                _ => {}
+            }
+            required_string(data, "firstName", "data.firstName", errors);
+            required_string(data, "lastName", "data.lastName", errors);
+            required_time(data, "createdAt", "data.createdAt", errors);
+            updated_at = required_time(data, "updatedAt", "data.updatedAt", errors);
+            for field in ["phone", "company", "title"] {
+                optional_string(data, field, errors);
+            }
         }
         // A deletion needs only the id; a timestamp, when sent, must still be readable.
         Some(EventType::Deleted) if data.get("updatedAt").is_some_and(|v| !v.is_null()) => {
             let parsed = data
                 .get("updatedAt")
-                .and_then(Field::as_str)
+                .and_then(Value::as_str)
                 .map_or(Err(NOT_RFC3339), instant);
-            let updated_at = parsed
-                .map_err(|message| errors.push(FieldError::new("data.updatedAt", message)))
-                .ok();
-            (contact_id, updated_at, None)
+            match parsed {
+                Ok(at) => updated_at = Some(at),
+                Err(message) => errors.push(FieldError::new("data.updatedAt", message)),
+            }
         }
-        Some(EventType::Deleted) | None => (contact_id, None, None),
+        Some(EventType::Deleted) | None => {}
     }
+    (contact_id, updated_at)
+}
+
+/// Reads an RFC 3339 string field of a JSON object (an instant [`instant`] accepts).
+pub fn rfc3339_field(object: &Value, field: &str) -> Option<DateTime<Utc>> {
+    instant(object.get(field)?.as_str()?).ok()
 }
 
 /// Why a date-time field is refused.
@@ -315,42 +226,35 @@ pub fn instant(text: &str) -> Result<DateTime<Utc>, &'static str> {
 }
 
 fn required_string<'a>(
-    object: &'a Members<'_>,
+    object: &'a Map<String, Value>,
     key: &str,
     path: &str,
     errors: &mut Vec<FieldError>,
 ) -> Option<&'a str> {
     match object.get(key) {
-        None | Some(Field::Null) => errors.push(FieldError::new(path, "is required")),
-        Some(Field::Str(s)) if s.trim().is_empty() => {
+        None | Some(Value::Null) => errors.push(FieldError::new(path, "is required")),
+        Some(Value::String(s)) if s.trim().is_empty() => {
             errors.push(FieldError::new(path, "must not be empty"))
         }
-        Some(Field::Str(s)) => return Some(s),
+        Some(Value::String(s)) => return Some(s),
         Some(_) => errors.push(FieldError::new(path, "must be a string")),
     }
     None
 }
 
-fn optional_string(
-    object: &Members<'_>,
-    key: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<String> {
-    match object.get(key) {
-        None | Some(Field::Null) => None,
-        Some(Field::Str(s)) => Some(s.to_string()),
-        Some(_) => {
-            errors.push(FieldError {
-                field: format!("data.{key}"),
-                message: "must be a string".into(),
-            });
-            None
-        }
+fn optional_string(object: &Map<String, Value>, key: &str, errors: &mut Vec<FieldError>) {
+    if let Some(value) = object.get(key)
+        && !(value.is_string() || value.is_null())
+    {
+        errors.push(FieldError {
+            field: format!("data.{key}"),
+            message: "must be a string".into(),
+        });
     }
 }
 
 fn required_id(
-    object: &Members<'_>,
+    object: &Map<String, Value>,
     key: &str,
     path: &str,
     errors: &mut Vec<FieldError>,
@@ -364,7 +268,7 @@ fn required_id(
 }
 
 fn required_time(
-    object: &Members<'_>,
+    object: &Map<String, Value>,
     key: &str,
     path: &str,
     errors: &mut Vec<FieldError>,
@@ -443,10 +347,7 @@ mod tests {
             "data": { "id": "c1", "email": "a@example.com", "firstName": "A", "lastName": "B",
                       "createdAt": "0000-01-01T00:00:00+01:00", "updatedAt": "2025-05-19T00:00:00Z" }
         });
-        let error = ContactEvent::read(payload.to_string().as_bytes()).expect_err("refused");
-        assert_eq!(
-            error,
-            ReadError::Fields(vec![FieldError::new("data.createdAt", OUT_OF_RANGE)])
-        );
+        let errors = ContactEvent::parse(payload).expect_err("refused");
+        assert_eq!(errors, [FieldError::new("data.createdAt", OUT_OF_RANGE)]);
     }
 }
