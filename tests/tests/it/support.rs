@@ -585,8 +585,13 @@ pub struct ReadMessage {
     pub headers: std::collections::BTreeMap<String, String>,
 }
 
+/// The longest a fresh reader's first message waits for its consumer group to form.
+const GROUP_FORMS: Duration = Duration::from_secs(30);
+
 /// Reads `topics` from the beginning with a fresh consumer group until `expected` messages
-/// arrived, or nothing new came for `idle`.
+/// arrived, or nothing new came for `idle`. The first message may take longer: it waits for the
+/// group to form, which a broker that just restarted answers only once its group coordinator has
+/// loaded (seen to take over 5 s on a loaded machine).
 pub async fn read_topics(
     brokers: &str,
     topics: &[String],
@@ -608,7 +613,12 @@ pub async fn read_topics(
     consumer.subscribe(&topics).expect("subscribe");
     let mut messages = Vec::new();
     while messages.len() < expected {
-        let Ok(received) = tokio::time::timeout(idle, consumer.recv()).await else {
+        let wait = if messages.is_empty() {
+            idle.max(GROUP_FORMS)
+        } else {
+            idle
+        };
+        let Ok(received) = tokio::time::timeout(wait, consumer.recv()).await else {
             break;
         };
         let message = received.expect("kafka message");
