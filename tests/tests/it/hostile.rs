@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use api::Roles;
 use api::config::{Config, Secret};
-use sea_orm::{ConnectionTrait, Statement};
+use entity::webhook_event;
+use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, Statement};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -199,16 +200,13 @@ async fn numbers_are_stored_as_read_in_both_modes() {
             200,
             "sqlite: {sqlite}"
         );
-        let row = app
-            .db
-            .query_one_raw(Statement::from_string(
-                app.db.get_database_backend(),
-                "SELECT payload FROM webhook_events WHERE event_id = 'evt_num'".to_owned(),
-            ))
+        let payload = webhook_event::Entity::find()
+            .filter(webhook_event::Column::EventId.eq("evt_num"))
+            .one(&app.db)
             .await
             .expect("query")
-            .expect("the event is stored");
-        let payload: Value = row.try_get_by_index(0).expect("payload");
+            .expect("the event is stored")
+            .payload;
         let data = &payload["data"];
         assert_eq!(data["tiny"].as_f64(), Some(0.0), "sqlite: {sqlite}: {data}");
         assert_eq!(data["long"].as_f64(), Some(1.0), "sqlite: {sqlite}");
